@@ -1,2 +1,56 @@
-"""pocketdiffusion: a Stable Diffusion engine for small hardware."""
+"""pocketdiffusion: a Stable Diffusion engine for small hardware.
+
+    import pocketdiffusion
+    pipe = pocketdiffusion.load("model.safetensors")
+    image = pipe.generate("a red circle on a blue background", seed=1)[0]
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+MEMORY_MODES = ("balanced",)
+
+if TYPE_CHECKING:
+    import torch
+
+    from .pipelines.pipeline import Pipeline
+
+
+def load(path: str | os.PathLike, device: "str | torch.device | None" = None, memory: str = "balanced",
+         *, dtype: "torch.dtype | None" = None, prediction: str | None = None) -> "Pipeline":
+    """Load a model file or diffusers folder into a ready `Pipeline`.
+
+    `device`: "cuda", "cpu", "mps" or None (CUDA when available, else CPU). `memory`: the memory
+    mode; "balanced" (fp16 weights on GPUs, fp32 on the CPU). `dtype` overrides the weight
+    precision; `prediction` ("eps"/"v") overrides what the files say.
+    """
+    import torch
+
+    from .checkpoints import load as load_components
+    from .pipelines.pipeline import Pipeline
+
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory={memory!r}: expected one of {MEMORY_MODES}")
+    if path is None:
+        raise ValueError("load() needs a model: a .safetensors/.ckpt file or a diffusers folder")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    parts = load_components(path, device=device, dtype=dtype, prediction=prediction)
+    return Pipeline(parts, name=os.path.splitext(os.path.basename(os.fspath(path).rstrip("/")))[0])
+
+
+def __getattr__(name: str):
+    # Lazy, so `import pocketdiffusion` stays cheap (no torch import) for the CLI's --help.
+    if name in ("Pipeline", "Run"):
+        from .pipelines import pipeline
+        return getattr(pipeline, name)
+    if name in ("GenerationRequest", "Step", "Result"):
+        from .pipelines import request
+        return getattr(request, name)
+    raise AttributeError(f"module 'pocketdiffusion' has no attribute {name!r}")
+
+
+__all__ = ["load", "Pipeline", "GenerationRequest", "Step", "Result", "__version__"]

@@ -1,0 +1,151 @@
+"""What every pipeline shares: prompt encoding, the denoiser for a request, one `denoise()`
+generator that yields each step, and decoding. txt2img, img2img and inpainting differ only in
+the starting latents, the sigma slice and the denoiser wrapper (see txt2img.py, img2img.py,
+inpaint.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..checkpoints import Components
+from ..models.unet import sdxl_label_vector
+from ..checkpoints.formats import read_json
+from ..sampling import (CFGDenoiser, EpsDenoiser, SamplerSpec, SamplerStep, VDenoiser, get_sigmas_discrete,
+                        init_noise_sigma, scaled_linear_alphas_cumprod)
+from .prompts import encode_prompt_pair, encode_prompt_plain
+from .request import GenerationRequest
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for one image, (1, T, C); pooled (1, P) for SDXL."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    pooled_cond: torch.Tensor | None
+    pooled_uncond: torch.Tensor | None
+
+
+def encode_prompt(parts: Components, request: GenerationRequest) -> Conditioning:
+    encode = encode_prompt_plain if request.prompt_syntax == "plain" else encode_prompt_pair
+    with torch.inference_mode():
+        cond, uncond, pooled_cond, pooled_uncond = encode(
+            parts.tokenizers, parts.text_encoders, parts.config.prompt_encodings,
+            request.prompt, request.negative_prompt, clip_skip=request.clip_skip,
+            **({} if request.prompt_syntax == "plain" else {"pad": "none"}))
+    return Conditioning(cond, uncond, pooled_cond, pooled_uncond)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How the model's timesteps are spaced: its diffusers scheduler config when it has one,
+    else SD's original setting ("leading", offset 1: the SD1.5/SDXL configs and A1111's DDIM)."""
+
+    spacing: str = "leading"
+    steps_offset: int = 1
+
+    @classmethod
+    def of(cls, parts: Components) -> "Schedule":
+        path = Path(parts.source) / "scheduler" / "scheduler_config.json"
+        if not path.is_file():
+            return cls()
+        config = read_json(path)
+        return cls(spacing=config.get("timestep_spacing", "leading"), steps_offset=int(config.get("steps_offset", 1)))
+
+    def sigmas(self, spec: SamplerSpec, karras: bool, steps: int) -> torch.Tensor:
+        """The sampler's sigma schedule over SD's scaled-linear training schedule (steps + 1 values)."""
+        return get_sigmas_discrete(scaled_linear_alphas_cumprod(), steps, spacing=self.spacing,
+                                   steps_offset=self.steps_offset, karras=karras, family=spec.family)
+
+    def init_sigma(self, sigmas: torch.Tensor, spec: SamplerSpec) -> float:
+        """What pure noise is scaled by for txt2img (diffusers' `init_noise_sigma`)."""
+        return init_noise_sigma(sigmas, spacing=self.spacing, family=spec.family)
+
+
+def _unet_call(unet):
+    """Adapt the UNet to the sampling contract `model(x_in, t, **cond)`. `concat` (9-channel
+    inpainting: mask + masked-image latents) is appended after c_in scaling, as diffusers does."""
+    def call(x_in: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor, y: torch.Tensor | None = None,
+             concat: torch.Tensor | None = None) -> torch.Tensor:
+        if concat is not None:
+            x_in = torch.cat([x_in, concat.to(x_in.dtype)], dim=1)
+        return unet(x_in, t, context, y=y)
+    return call
+
+
+def build_denoiser(parts: Components, request: GenerationRequest, conditioning: Conditioning, batch: int,
+                   width: int, height: int, spec: SamplerSpec, concat: torch.Tensor | None = None):
+    """eps/v denoiser + classifier-free guidance for a batch of `batch` images."""
+    unet = parts.unet
+    device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
+    wrapper = VDenoiser if parts.config.prediction == "v" else EpsDenoiser
+    model = wrapper(_unet_call(unet), scaled_linear_alphas_cumprod().to(device),
+                    quantize=spec.quantize_timesteps)
+
+    def side(context: torch.Tensor, pooled: torch.Tensor | None) -> dict[str, Any]:
+        out: dict[str, Any] = {"context": context.to(device, dtype).expand(batch, -1, -1)}
+        if parts.config.unet.adm_in_channels is not None:
+            out["y"] = sdxl_label_vector(pooled.to(device, dtype), _time_ids(request, width, height, device)
+                                         ).expand(batch, -1)
+        if concat is not None:
+            out["concat"] = concat
+        return out
+
+    cond = side(conditioning.cond, conditioning.pooled_cond)
+    if request.cfg == 1.0:
+        return lambda x, sigma: model(x, sigma, **cond)
+    uncond = side(conditioning.uncond, conditioning.pooled_uncond)
+    same_length = cond["context"].shape[1] == uncond["context"].shape[1]
+    # A1111 runs prompts of different chunk counts through the UNet in two passes; so do we.
+    return CFGDenoiser(model, cond, uncond, request.cfg, batched=same_length)
+
+
+def _time_ids(request: GenerationRequest, width: int, height: int, device) -> torch.Tensor:
+    original = request.original_size or (height, width)
+    target = request.target_size or (height, width)
+    return torch.tensor([[*original, *request.crop_top_left, *target]], dtype=torch.float32, device=device)
+
+
+def denoise(spec: SamplerSpec, denoiser, x: torch.Tensor, sigmas: torch.Tensor,
+            generator: torch.Generator) -> Iterator[SamplerStep]:
+    """The one denoising loop: yields a SamplerStep per step. Stopping the iteration cancels."""
+    with torch.inference_mode():
+        yield from spec.steps(denoiser, x, sigmas, generator=generator)
+
+
+def make_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image (seed, seed+1, ...), as diffusers is called with a list of
+    `torch.Generator("cpu").manual_seed(s)`; CPU so that a seed gives the same picture on any device."""
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
+def draw_noise(generators: list[torch.Generator], shape: tuple[int, ...], device, dtype) -> torch.Tensor:
+    """Each image's (1, C, h, w) slice from its own generator (diffusers' randn_tensor)."""
+    noise = torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
+    return noise.to(device=device, dtype=dtype)
+
+
+def encode_images(parts: Components, pixels: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> scaled latents; sampled with each image's generator as diffusers'
+    `retrieve_latents(vae.encode(image), generator)` does, or the mean when generators is None."""
+    vae = parts.vae
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    with torch.inference_mode():
+        latents = []
+        for i in range(pixels.shape[0]):
+            image = pixels[i:i + 1].to(device, dtype)
+            g = generators[i] if generators is not None else None
+            latents.append(vae.encode_latents(image, generator=g, sample=g is not None))
+        return torch.cat(latents) * vae.scaling_factor
+
+
+def decode_latents(parts: Components, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> (B, 3, H, W) pixels in about [-1, 1], one image at a time (peak memory)."""
+    vae = parts.vae
+    dtype = next(vae.parameters()).dtype
+    with torch.inference_mode():
+        return torch.cat([vae.decode(latents[i:i + 1].to(dtype) / vae.scaling_factor)
+                          for i in range(latents.shape[0])])
