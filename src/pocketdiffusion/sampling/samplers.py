@@ -38,6 +38,9 @@ class NonFiniteLatentsError(PocketDiffusionError, FloatingPointError):
     """Sampling produced NaN or inf (fp16 overflow, a broken model, a bad guidance scale)."""
 
 
+FINITE_CHECK_EVERY = 8  # GPU: read the NaN/inf flags once per this many steps
+
+
 class SamplerStep(NamedTuple):
     index: int  # 0-based step number
     x: torch.Tensor  # latents after the step, at sigmas[index + 1]
@@ -62,6 +65,7 @@ class _Walk:
                 f"{name}: generator must be a CPU torch.Generator (noise is drawn on the CPU), got {generator!r}"
             )
         self.generator, self.denoiser, self.check_finite = generator, denoiser, bool(check_finite)
+        self._finite: list[torch.Tensor] = []  # per-step isfinite flags not yet read (see _check_finite)
         if needs_noise:
             self.require_generator()
         if self.check_finite and not bool(torch.isfinite(x).all()):
@@ -80,13 +84,30 @@ class _Walk:
         return torch.randn(like.shape, generator=self.generator, dtype=torch.float32).to(like.device, like.dtype)
 
     def step(self, i: int, x: torch.Tensor, denoised: torch.Tensor) -> SamplerStep:
-        if self.check_finite and not bool(torch.isfinite(x).all()):
-            raise NonFiniteLatentsError(
-                f"{self.name}: NaN or inf in the latents after step {i + 1} of {self.steps} "
-                f"(sigma {self.sigmas[i]:.4g} -> {self.sigmas[i + 1]:.4g}); with fp16 weights this is usually "
-                "an overflow: try bf16 or fp32, or a lower guidance scale"
-            )
+        if self.check_finite:
+            self._check_finite(i, x)
         return SamplerStep(i, x, denoised, self.sigmas[i])
+
+    def _check_finite(self, i: int, x: torch.Tensor) -> None:
+        """Raise naming the first step whose latents hold NaN or inf. On the CPU each step is checked
+        at once; on a GPU the per-step flags stay on the device and are read every
+        FINITE_CHECK_EVERY steps and at the last step, so checking costs no sync per step (a sync
+        would stall the launch queue; the error still names the right step, and never comes after
+        the last step)."""
+        self._finite.append(torch.isfinite(x).all())
+        last = i == self.steps - 1
+        if x.device.type != "cpu" and not last and len(self._finite) < FINITE_CHECK_EVERY:
+            return
+        flags, first = torch.stack(self._finite).tolist(), i + 1 - len(self._finite)
+        self._finite = []
+        if all(flags):
+            return
+        bad = first + flags.index(False)
+        raise NonFiniteLatentsError(
+            f"{self.name}: NaN or inf in the latents after step {bad + 1} of {self.steps} "
+            f"(sigma {self.sigmas[bad]:.4g} -> {self.sigmas[bad + 1]:.4g}); with fp16 weights this is usually "
+            "an overflow: try bf16 or fp32, or a lower guidance scale"
+        )
 
 
 def _sigma_list(name: str, sigmas) -> list[float]:
