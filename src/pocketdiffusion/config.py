@@ -135,3 +135,21 @@ PRESETS = {"sd1": SD15, "sd15": SD15, "sd2": SD2, "sdxl": SDXL}
 def inpainting(config: ModelConfig) -> ModelConfig:
     """The 9-input-channel inpainting variant (latents + mask + masked-image latents)."""
     return replace(config, unet=replace(config.unet, in_channels=9))
+
+
+# The project's own small model (trained on the synthetic shapes data, src/pocketdiffusion/data/):
+# the same architecture classes at toy size, 128x128 pixels (16x16 latents). vocab_size is the
+# size of the BPE vocabulary built from the captions (data/vocab.py).
+SHAPES_VOCAB_SIZE = 1024
+SHAPES = ModelConfig(
+    family="shapes",
+    text_encoders=(CLIPConfig(vocab_size=SHAPES_VOCAB_SIZE, width=256, layers=4, heads=4, mlp_dim=1024,
+                              activation="gelu", eos_token_id=SHAPES_VOCAB_SIZE - 1),),
+    prompt_encodings=(PromptEncoding(),),
+    unet=UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(0, 1, 1),
+                    transformer_depth_middle=1, num_heads=None, head_dim=32, context_dim=256,
+                    use_linear_in_transformer=True),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, scaling_factor=1.0),
+    native_size=128,
+)
+PRESETS["shapes"] = SHAPES
