@@ -25,7 +25,8 @@ def load(path: str | os.PathLike, device: "str | torch.device | None" = None, me
 
     `device`: "cuda", "cpu", "mps" or None (CUDA when available, else CPU). `memory`: the memory
     mode; "balanced" (fp16 weights on GPUs, fp32 on the CPU). `dtype` overrides the weight
-    precision; `prediction` ("eps"/"v") overrides what the files say.
+    precision; `prediction` ("eps"/"v") overrides what the files say. A missing or unreadable
+    model raises `CheckpointError` (a ValueError) naming the path and what was wrong.
     """
     import torch
 
@@ -53,4 +54,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'pocketdiffusion' has no attribute {name!r}")
 
 
-__all__ = ["load", "Pipeline", "GenerationRequest", "Step", "Result", "__version__"]
+__all__ = ["load", "Pipeline", "Run", "GenerationRequest", "Step", "Result", "__version__"]

@@ -3,21 +3,22 @@
 `outpaint` are the one-call forms returning PIL images."""
 from __future__ import annotations
 
+import difflib
 import random
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from PIL import Image
 
 from .. import __version__
 from ..checkpoints import Components
-from ..sampling import sampler_spec
-from .base import Schedule, build_denoiser, denoise, encode_prompt, make_generators
-from .img2img import prepare_img2img
+from ..sampling import SamplerStep, sampler_spec
+from .base import Schedule, build_denoiser, denoise, encode_images, encode_prompt, make_generators
+from .img2img import prepare_img2img, strength_start
 from .inpaint import prepare_inpaint
+from .outpaint import OUTPAINT_MASK_BLUR, extend_canvas
 from .previews import Previewer
-from .request import GenerationRequest, InvalidRequest, Result, Step
+from .request import MAX_SIDE, REQUEST_FIELDS, GenerationRequest, InvalidRequest, Result, Step
 from .stages import Prepared, Setup
 from .txt2img import prepare_txt2img
 
@@ -33,7 +34,8 @@ class Run:
 
     def __init__(self, pipe: "Pipeline", request: GenerationRequest):
         request.validate()
-        self.pipe, self.request = pipe, request
+        # A copy: changing the caller's request while this run goes on must not change the run.
+        self.pipe, self.request = pipe, request.with_()
         try:
             self.spec, karras = sampler_spec(request.sampler)
         except ValueError as e:
@@ -45,20 +47,22 @@ class Run:
 
     @property
     def total_steps(self) -> int:
-        """Denoising steps of the whole run (all batches); img2img runs only its strength's share."""
-        return len(self._sigmas_for_mode()) * self.request.batch_count
-
-    def _sigmas_for_mode(self) -> list[int]:
-        from .img2img import strength_start
+        """Denoising steps of the whole run (all batches): img2img and inpainting run only their
+        strength's share of `steps` (the same slice their prepare_* functions take)."""
         steps = self.request.steps
         start = 0 if self.request.mode == "txt2img" else strength_start(steps, self.request.strength)
-        return list(range(start, steps))
+        return (steps - start) * self.request.batch_count
 
     def __iter__(self) -> Iterator[Step]:
+        """Runs the request, yielding a Step per denoising step. Inference mode is on only while
+        our code runs, never across a yield: the caller's loop body (a progress bar, a preview,
+        a cancel button) runs in whatever mode it had."""
         pipe, request = self.pipe, self.request
         parts = pipe.parts
-        conditioning = encode_prompt(parts, request)
-        sigmas = pipe.schedule.sigmas(self.spec, self.karras, request.steps)
+        self.result = None
+        with torch.inference_mode():
+            conditioning = encode_prompt(parts, request)
+            sigmas = pipe.schedule.sigmas(self.spec, self.karras, request.steps)
         images, seeds = [], []
         index, total = 0, self.total_steps
         for batch in range(request.batch_count):
@@ -67,13 +71,17 @@ class Run:
                           self.width, self.height)
             with torch.inference_mode():
                 prepared: Prepared = PREPARE[request.mode](setup)
-            denoiser = build_denoiser(parts, request, conditioning, len(batch_seeds), self.width, self.height,
-                                      self.spec, concat=prepared.concat)
-            if prepared.wrap is not None:
-                denoiser = prepared.wrap(denoiser)
+                concat = prepared.concat
+                if concat is None and parts.config.is_inpainting:
+                    concat = everything_masked_concat(setup)
+                denoiser = build_denoiser(parts, request, conditioning, len(batch_seeds), self.width, self.height,
+                                          self.spec, concat=concat)
+                if prepared.wrap is not None:
+                    denoiser = prepared.wrap(denoiser)
             x = prepared.x
             if len(prepared.sigmas) > 1:
-                for sampler_step in denoise(self.spec, denoiser, x, prepared.sigmas, setup.generators[0]):
+                for sampler_step in _outside_inference_mode(
+                        denoise(self.spec, denoiser, x, prepared.sigmas, setup.generators)):
                     x = sampler_step.x
                     yield Step(index=index, total=total, batch=batch, latents=x, denoised=sampler_step.denoised,
                                sigma=float(sampler_step.sigma), _preview=pipe.previewer)
@@ -86,10 +94,41 @@ class Run:
                              request=request)
 
     def wait(self) -> Result:
-        for _ in self:
-            pass
+        """Run to the end (or return the result of a run that already finished)."""
+        if self.result is None:
+            for _ in self:
+                pass
         assert self.result is not None
         return self.result
+
+
+def _outside_inference_mode(steps: Iterator[SamplerStep]) -> Iterator[SamplerStep]:
+    """Advance `steps` under inference mode, one step at a time, and yield each step outside it.
+    Closing (a `break` in the caller's loop) closes `steps` under inference mode too, so a
+    context manager inside it that saved "on" restores "on" inside ours, not in the caller."""
+    try:
+        while True:
+            with torch.inference_mode():
+                step = next(steps, None)
+            if step is None:
+                return
+            yield step
+    finally:
+        with torch.inference_mode():
+            steps.close()
+
+
+def everything_masked_concat(setup: Setup) -> torch.Tensor:
+    """The extra UNet input of a 9-channel inpainting model used for txt2img or img2img: "the whole
+    picture is masked" (mask 1, the masked image all grey), as A1111 does (modules/processing.py
+    `txt2img_image_conditioning`; img2img's `inpainting_image_conditioning` without a mask is the
+    same with its default inpainting_mask_weight 1). The grey image is encoded by its mean (A1111
+    samples it from the global RNG; the mean keeps seeds reproducible). (B, 1 + C, h, w)."""
+    grey = torch.zeros(1, 3, setup.height, setup.width)  # 0.5 grey in [0, 1] is 0 in [-1, 1]
+    latents = encode_images(setup.parts, grey, None).to(setup.dtype)  # (1, C, h, w)
+    batch = len(setup.seeds)
+    mask = torch.ones(batch, 1, *latents.shape[2:], device=latents.device, dtype=latents.dtype)
+    return torch.cat([mask, latents.expand(batch, -1, -1, -1)], dim=1)
 
 
 class Pipeline:
@@ -117,6 +156,9 @@ class Pipeline:
         w, h = source.size
         if w < 8 or h < 8:
             raise InvalidRequest(f"the init image is {w}x{h}: at least 8x8 pixels are needed")
+        if (request.width is None and w > MAX_SIDE) or (request.height is None and h > MAX_SIDE):
+            raise InvalidRequest(f"the init image is {w}x{h}: larger than {MAX_SIDE} pixels a side; pass a "
+                                 "smaller width and height to work at (the image is resized to them)")
         return request.width or w // 8 * 8, request.height or h // 8 * 8
 
     def run(self, request: GenerationRequest) -> Run:
@@ -146,19 +188,24 @@ class Pipeline:
 
     def outpaint(self, image: Image.Image, prompt: str, *, left: int = 0, right: int = 0, top: int = 0,
                  bottom: int = 0, **options: Any) -> list[Image.Image]:
-        """Extend the canvas by the given pixels on each side and paint the new area."""
-        from .outpaint import extend_canvas
+        """Extend the canvas by the given pixels on each side (rounded up to a multiple of 8, see
+        `outpaint.canvas_sides`) and paint the new area; the original sits at (left, top) and is
+        kept bit for bit beyond the 8-pixel seam that blends it into the new area."""
         _require_image(image, "image")
         canvas, mask = extend_canvas(image, left=left, right=right, top=top, bottom=bottom)
         options.setdefault("inpainting_fill", "latent_noise")
+        options.setdefault("mask_blur", OUTPAINT_MASK_BLUR)
         return self.inpaint(canvas, mask, prompt, **options)
 
     def _call(self, **fields: Any) -> list[Image.Image]:
-        try:
-            request = GenerationRequest(**fields)
-        except TypeError as e:
-            raise TypeError(f"{e}; see GenerationRequest for the accepted options") from None
-        return self.run(request).wait().images
+        unknown = [name for name in fields if name not in REQUEST_FIELDS]
+        if unknown:
+            name = unknown[0]
+            close = difflib.get_close_matches(name, REQUEST_FIELDS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"unknown option {name!r}{hint}; the options are GenerationRequest's fields: "
+                            + ", ".join(REQUEST_FIELDS))
+        return self.run(GenerationRequest(**fields)).wait().images
 
     def infotext(self, request: GenerationRequest, seed: int, width: int, height: int) -> dict[str, Any]:
         """A1111's infotext fields for one image (metadata.format_parameters)."""

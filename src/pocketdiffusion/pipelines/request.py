@@ -66,7 +66,7 @@ class GenerationRequest:
     def validate(self) -> None:
         """Raise InvalidRequest naming the field, the value and what is expected."""
         def bad(name: str, expected: str) -> None:
-            raise InvalidRequest(f"{name}={getattr(self, name)!r}: expected {expected}")
+            raise InvalidRequest(f"{name}={_describe(getattr(self, name))}: expected {expected}")
 
         for name in ("prompt", "negative_prompt"):
             if not isinstance(getattr(self, name), str):
@@ -94,6 +94,16 @@ class GenerationRequest:
                 bad(name, f"a whole number in [1, {MAX_BATCH}]")
         if self.clip_skip is not None and (not _is_int(self.clip_skip) or not (1 <= self.clip_skip <= 12)):
             bad("clip_skip", "a whole number in [1, 12] (1 = last layer)")
+        for name, pair in (("original_size", "(height, width)"), ("target_size", "(height, width)"),
+                           ("crop_top_left", "(top, left)")):
+            value = getattr(self, name)
+            if value is None and name != "crop_top_left":
+                continue
+            if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value)
+                    and all(0 <= v <= 4 * MAX_SIDE for v in value)):
+                bad(name, f"{pair} in pixels, two whole numbers in [0, {4 * MAX_SIDE}] (SDXL conditioning)")
+        if not isinstance(self.inpaint_only_masked, bool):
+            bad("inpaint_only_masked", "True or False")
         if self.prompt_syntax not in PROMPT_SYNTAXES:
             bad("prompt_syntax", f"one of {PROMPT_SYNTAXES}")
         if not _is_number(self.strength) or not (0.0 <= self.strength <= 1.0):
@@ -109,7 +119,7 @@ class GenerationRequest:
         for name in ("init_image", "mask"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Image.Image):
-                bad(name, "a PIL image")
+                bad(name, f"a PIL image, got {type(value).__name__} (open files with PIL.Image.open)")
         if self.mask is not None:
             if self.init_image is None:
                 raise InvalidRequest("a mask was given without an image to inpaint (init_image)")
@@ -117,6 +127,17 @@ class GenerationRequest:
                 raise InvalidRequest(f"mask size {self.mask.size[0]}x{self.mask.size[1]} differs from the "
                                      f"image size {self.init_image.size[0]}x{self.init_image.size[1]}; "
                                      "they must be equal")
+
+
+def _describe(value: Any) -> str:
+    """A short repr for an error message: numbers and text as they are, anything else by type
+    (the repr of a 512x512 array or tensor would bury the message)."""
+    if value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 80):
+        return repr(value)
+    if isinstance(value, (tuple, list)) and len(value) <= 4 and all(isinstance(v, (int, float, str)) for v in value):
+        return repr(value)
+    shape = getattr(value, "shape", None)
+    return f"<{type(value).__name__}{' of shape ' + str(tuple(shape)) if shape is not None else ''}>"
 
 
 def _is_int(value: Any) -> bool:

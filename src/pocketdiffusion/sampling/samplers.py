@@ -8,7 +8,8 @@ new latents, the step's x0 estimate and the step's starting sigma. Every sampler
 generator of `SamplerStep`s (`sample_euler.steps(...)`), so a pipeline can iterate it and cancel
 by stopping; `sample_*` just drains it.
 
-Randomness comes only from `generator` (a CPU torch.Generator): noise is drawn on the CPU in
+Randomness comes only from `generator` (a CPU torch.Generator, or a list of them with one per
+image of the batch, each drawing its image's slice as diffusers' `randn_tensor` does): noise is drawn on the CPU in
 float32 with `torch.randn(shape, generator=generator)` and moved to x's device and dtype, exactly
 as diffusers' `randn_tensor` does with a CPU generator, so results do not depend on the device
 and match diffusers' schedulers seed for seed.
@@ -60,10 +61,15 @@ class _Walk:
             raise TypeError(f"{name}: x must be a floating-point tensor (B, C, H, W), got {got}")
         self.sigmas = _sigma_list(name, sigmas)
         self.steps = len(self.sigmas) - 1
-        if generator is not None and not (isinstance(generator, torch.Generator) and generator.device.type == "cpu"):
+        generators = generator if isinstance(generator, (list, tuple)) else [generator]
+        if generator is not None and not all(isinstance(g, torch.Generator) and g.device.type == "cpu"
+                                             for g in generators):
             raise TypeError(
-                f"{name}: generator must be a CPU torch.Generator (noise is drawn on the CPU), got {generator!r}"
+                f"{name}: generator must be a CPU torch.Generator or a list of them, one per image "
+                f"(noise is drawn on the CPU), got {generator!r}"
             )
+        if isinstance(generator, (list, tuple)) and len(generator) != x.shape[0]:
+            raise ValueError(f"{name}: {len(generator)} generators for a batch of {x.shape[0]}: pass one per image")
         self.generator, self.denoiser, self.check_finite = generator, denoiser, bool(check_finite)
         self._finite: list[torch.Tensor] = []  # per-step isfinite flags not yet read (see _check_finite)
         if needs_noise:
@@ -81,7 +87,12 @@ class _Walk:
         return self.denoiser(x, torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float32))
 
     def noise(self, like: torch.Tensor) -> torch.Tensor:
-        return torch.randn(like.shape, generator=self.generator, dtype=torch.float32).to(like.device, like.dtype)
+        if isinstance(self.generator, (list, tuple)):  # one generator per image, as diffusers and A1111 draw it
+            noise = torch.cat([torch.randn((1, *like.shape[1:]), generator=g, dtype=torch.float32)
+                               for g in self.generator])
+        else:
+            noise = torch.randn(like.shape, generator=self.generator, dtype=torch.float32)
+        return noise.to(like.device, like.dtype)
 
     def step(self, i: int, x: torch.Tensor, denoised: torch.Tensor) -> SamplerStep:
         if self.check_finite:
