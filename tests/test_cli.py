@@ -134,10 +134,10 @@ def test_from_maps_a1111_schedules_and_reads_only_what_is_not_given():
                       "width": 512, "height": 768}  # clip skip 1 is the model's default: left out
     assert warnings == []
 
-    # Euler a has no Karras variant here: run it as is and say that the image will differ.
+    # Any sampler runs over Karras sigmas when the image says so ("Euler a" + "Schedule type: Karras").
     values = defaults_from_parameters(params | {"Sampler": "Euler a"}, {"sampler"}, "--from 'x.png'",
                                       warnings.append)
-    assert values == {"sampler": "Euler a"} and "Karras" in warnings[0]
+    assert values == {"sampler": "Euler a Karras"} and warnings == []
 
     # Fields that are not wanted (given on the command line) are not even read.
     bad = params | {"Steps": "many", "Sampler": "DPM2 a"}

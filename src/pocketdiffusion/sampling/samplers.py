@@ -516,6 +516,11 @@ _NAMES: dict[str, tuple[str, bool | None]] = {name: (name, None) for name in SAM
     "dpmpp_sde_karras": ("dpmpp_sde", True),
 }
 
+# Any sampler over Karras sigmas, as A1111 >= 1.9 writes it ("Euler a" + "Schedule type: Karras"):
+# "<name> karras" for every name that does not already say.
+_NAMES |= {f"{key} karras": (canonical, True) for key, (canonical, karras) in list(_NAMES.items())
+           if not key.endswith("karras") and f"{key} karras" not in _NAMES}
+
 
 def sampler_spec(name: str) -> tuple[SamplerSpec, bool | None]:
     """(spec, karras) for our names ("euler", "euler_a", "dpmpp_2m", ...) or A1111's ("Euler a",
