@@ -30,12 +30,16 @@ class Conditioning:
 
 
 def encode_prompt(parts: Components, request: GenerationRequest) -> Conditioning:
-    encode = encode_prompt_plain if request.prompt_syntax == "plain" else encode_prompt_pair
+    if request.prompt_syntax == "plain":
+        # diffusers' "no negative prompt" is None (SDXL then guides against zeros, its
+        # force_zeros_for_empty_prompt); ours is "", so "" must read as None to match it.
+        encode, negative, options = encode_prompt_plain, request.negative_prompt or None, {}
+    else:
+        encode, negative, options = encode_prompt_pair, request.negative_prompt, {"pad": "none"}
     with torch.inference_mode():
         cond, uncond, pooled_cond, pooled_uncond = encode(
             parts.tokenizers, parts.text_encoders, parts.config.prompt_encodings,
-            request.prompt, request.negative_prompt, clip_skip=request.clip_skip,
-            **({} if request.prompt_syntax == "plain" else {"pad": "none"}))
+            request.prompt, negative, clip_skip=request.clip_skip, **options)
     return Conditioning(cond, uncond, pooled_cond, pooled_uncond)
 
 

@@ -68,6 +68,13 @@ def prepare_inpaint(setup: Setup) -> Prepared:
             return MaskedDenoiser(denoiser, original, mask, noise)
 
     def finish(latents: torch.Tensor) -> list[Image.Image]:
+        if not nine_channel:
+            # The kept area ends as the original latents, whatever the sampler's last level: DDIM
+            # stops at alphas_cumprod[0], not sigma 0, and the VAE decoder's receptive field
+            # carries the kept latents into the repainted pixels along the seam. diffusers'
+            # inpaint loop (last step, no re-noising) and A1111's StableDiffusionProcessingImg2Img
+            # .sample (`samples * nmask + init_latent * mask`) both blend so.
+            latents = (1 - mask_lat) * image_latents + mask_lat * latents
         return [_paste(original, generated, soft_mask, box) for generated in setup.decode(latents)]
 
     return Prepared(x=x, sigmas=sigmas, finish=finish, concat=concat, wrap=wrap)
