@@ -321,8 +321,6 @@ def test_inpainting_latent_noise_fill(pipes, kind):
     assert not np.array_equal(pixels(noise_fill), pixels(original_fill))
 
 
-@pytest.mark.xfail(strict=True, reason="inpaint.py _paste resamples the original down to the work size (a multiple "
-                   "of 8) instead of scaling the generated picture up to the image's size and compositing there")
 def test_inpainting_an_image_of_any_size_keeps_its_size_and_unmasked_pixels(sd1):
     image = picture(INPAINT + 4, INPAINT - 4)
     mask = square_mask(*image.size, (16, 12, 32, 28))

@@ -67,6 +67,8 @@ def prepare_inpaint(setup: Setup) -> Prepared:
         def wrap(denoiser, original=image_latents, mask=mask_lat, noise=noise):
             return MaskedDenoiser(denoiser, original, mask, noise)
 
+    keep_size = request.width is None and request.height is None  # else the user chose the output size
+
     def finish(latents: torch.Tensor) -> list[Image.Image]:
         if not nine_channel:
             # The kept area ends as the original latents, whatever the sampler's last level: DDIM
@@ -75,7 +77,7 @@ def prepare_inpaint(setup: Setup) -> Prepared:
             # inpaint loop (last step, no re-noising) and A1111's StableDiffusionProcessingImg2Img
             # .sample (`samples * nmask + init_latent * mask`) both blend so.
             latents = (1 - mask_lat) * image_latents + mask_lat * latents
-        return [_paste(original, generated, soft_mask, box) for generated in setup.decode(latents)]
+        return [_paste(original, generated, soft_mask, box, keep_size) for generated in setup.decode(latents)]
 
     return Prepared(x=x, sigmas=sigmas, finish=finish, concat=concat, wrap=wrap)
 
@@ -88,10 +90,14 @@ def _mask_image(mask: Image.Image) -> Image.Image:
 
 
 def _paste(original: Image.Image, generated: Image.Image, soft_mask: np.ndarray,
-           box: tuple[int, int, int, int] | None) -> Image.Image:
+           box: tuple[int, int, int, int] | None, keep_size: bool) -> Image.Image:
     """Put the generated picture back over the original; outside the mask the original stays."""
+    if box is None and keep_size and generated.size != original.size:
+        # worked at the image's size rounded to a multiple of 8: scale the picture back up, so the
+        # output has the image's size and its unmasked pixels stay exactly as they were
+        generated = generated.resize(original.size, Image.LANCZOS)
     if box is None:
-        if generated.size != original.size:  # worked at another size: compare at the output size
+        if generated.size != original.size:  # a size the user asked for: composite at that size
             original = original.resize(generated.size, Image.LANCZOS)
             soft_mask = mask_to_array(Image.fromarray(np.round(soft_mask * 255).astype(np.uint8))
                                       .resize(generated.size, Image.LANCZOS))
