@@ -92,24 +92,27 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         ours = timed_runs(gen, args.repeats)
         peak = (torch.cuda.max_memory_reserved() / 2 ** 20, torch.cuda.max_memory_allocated() / 2 ** 20)
-        clock = StepClock()
-        for step in pipe.run(pocketdiffusion.GenerationRequest(
-                prompt=PROMPT, negative_prompt=NEGATIVE, steps=args.steps, cfg=7.5, sampler="euler", seed=0,
-                width=512, height=512)):
-            clock.tick(step.index, args.steps - 1)
         unet = pipe.parts.unet
         x = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.float16)
         t = torch.tensor([500.0, 500.0], device="cuda")
         ctx = torch.randn(2, 77, 768, device="cuda", dtype=torch.float16)
-        with torch.inference_mode():
-            pure = pure_unet_ms(lambda: unet(x, t, ctx), args.steps)
-        loop = clock.ms_per_step(args.steps)
+        request = pocketdiffusion.GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, steps=args.steps,
+                                                    cfg=7.5, sampler="euler", seed=0, width=512, height=512)
+        loops, pures = [], []
+        for _ in range(args.repeats):  # interleaved, so clock and thermal drift hit both alike
+            clock = StepClock()
+            for step in pipe.run(request):
+                clock.tick(step.index, args.steps - 1)
+            loops.append(clock.ms_per_step(args.steps))
+            with torch.inference_mode():
+                pures.append(pure_unet_ms(lambda: unet(x, t, ctx), args.steps))
+        pure, loop = statistics.median(pures), statistics.median(loops)
         results["ours"] = {
             "s_per_image": statistics.median(ours), "ms_per_step": 1000 * statistics.median(ours) / args.steps,
             "loop_ms_per_step": loop, "unet_ms_per_call": pure, "overhead_pct": 100 * (loop - pure) / pure,
             "max_reserved_mib": peak[0], "max_allocated_mib": peak[1]}
         print("ours", json.dumps(results["ours"]), flush=True)
-        del pipe, unet
+        del pipe, unet, gen, step, clock
         torch.cuda.empty_cache()
 
         # ---- diffusers, same weights ----
@@ -128,13 +131,16 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         theirs = timed_runs(rgen, args.repeats)
         peak = (torch.cuda.max_memory_reserved() / 2 ** 20, torch.cuda.max_memory_allocated() / 2 ** 20)
-        clock = StepClock()
-        ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps, guidance_scale=7.5,
-            generator=torch.Generator("cpu").manual_seed(0), width=512, height=512,
-            callback_on_step_end=lambda p, i, t, kw: (clock.tick(i, args.steps - 1), kw)[1])
-        with torch.inference_mode():
-            pure = pure_unet_ms(lambda: ref.unet(x, t, ctx), args.steps)
-        loop = clock.ms_per_step(args.steps)
+        loops, pures = [], []
+        for _ in range(args.repeats):
+            clock = StepClock()
+            ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps, guidance_scale=7.5,
+                generator=torch.Generator("cpu").manual_seed(0), width=512, height=512,
+                callback_on_step_end=lambda p, i, t_, kw: (clock.tick(i, args.steps - 1), kw)[1])
+            loops.append(clock.ms_per_step(args.steps))
+            with torch.inference_mode():
+                pures.append(pure_unet_ms(lambda: ref.unet(x, t, ctx), args.steps))
+        pure, loop = statistics.median(pures), statistics.median(loops)
         results["diffusers"] = {
             "s_per_image": statistics.median(theirs), "ms_per_step": 1000 * statistics.median(theirs) / args.steps,
             "loop_ms_per_step": loop, "unet_ms_per_call": pure, "overhead_pct": 100 * (loop - pure) / pure,
