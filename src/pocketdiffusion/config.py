@@ -143,7 +143,7 @@ def inpainting(config: ModelConfig) -> ModelConfig:
 SHAPES_VOCAB_SIZE = 1024
 SHAPES = ModelConfig(
     family="shapes",
-    text_encoders=(CLIPConfig(vocab_size=SHAPES_VOCAB_SIZE, width=256, layers=4, heads=4, mlp_dim=1024,
+    text_encoders=(CLIPConfig(vocab_size=SHAPES_VOCAB_SIZE, width=256, layers=3, heads=4, mlp_dim=1024,
                               activation="gelu", eos_token_id=SHAPES_VOCAB_SIZE - 1),),
     prompt_encodings=(PromptEncoding(),),
     unet=UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(0, 1, 1),
