@@ -141,6 +141,23 @@ def test_diffusers_folder_matches_diffusers_models(kind, tmp_path):
     assert_parity(compare(ours, models))
 
 
+def test_a_second_unet_subfolder_shares_the_text_encoder_and_vae(tmp_path):
+    """The embedded model ships its inpainting UNet as unet_inpaint/ beside the base one."""
+    base = fx.tiny_config("sd1", clip_heads=2)
+    models = fx.diffusers_models(base)
+    folder = fx.write_diffusers_folder(tmp_path / "model", base, models)
+    inpainting = fx.tiny_config("sd1_inpaint", clip_heads=2)
+    fx.diffusers_models(inpainting, seed=3)["unet"].save_pretrained(folder / "unet_inpaint")
+    assert load(folder).config.unet.in_channels == 4
+    loaded = load(folder, unet_subfolder="unet_inpaint")
+    assert loaded.config.unet.in_channels == 9 and loaded.config.is_inpainting
+    with pytest.raises(CheckpointError, match="no unet_missing/ folder"):
+        load(folder, unet_subfolder="unet_missing")
+    with pytest.raises(CheckpointError, match="applies to diffusers folders"):
+        load(fx.write_single_file(tmp_path / "m.safetensors", fx.ldm_state_dict(fx.our_models(base), "sd1")),
+             unet_subfolder="unet_inpaint")
+
+
 def test_diffusers_folder_with_pickled_bin_weights(tmp_path):
     config = fx.tiny_config("sdxl", clip_heads=2)
     models = fx.diffusers_models(config, seed=7)

@@ -81,7 +81,7 @@ class Components:
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
          *, prediction: str | None = None, config: ModelConfig | None = None, ops: Ops = DEFAULT_OPS,
-         ) -> Components:
+         unet_subfolder: str = "unet") -> Components:
     """Load a Stable Diffusion 1.x / 2.x / XL model (base or inpainting).
 
     `path`: a single `.safetensors` / `.ckpt` file in the LDM layout (what A1111, ComfyUI and
@@ -90,6 +90,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     in which precision the weights are placed. `prediction` ("eps" or "v") overrides what the
     files say (and skips the SD2 eps/v probe). `config` skips detection altogether. `ops` is the
     layer family the models are built from (its layers must keep torch's parameter names).
+    `unet_subfolder` picks another UNet of a diffusers folder (the embedded model keeps its
+    inpainting UNet in `unet_inpaint/` beside the shared text encoder and VAE).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or Path to a model file or folder, got {type(path).__name__}")
@@ -108,8 +110,11 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     try:
         probe = False
         if path.is_dir():
-            config = _open_diffusers(path, sources, prediction, config)
+            config = _open_diffusers(path, sources, prediction, config, unet_subfolder)
         else:
+            if unet_subfolder != "unet":
+                raise CheckpointError(f"unet_subfolder={unet_subfolder!r} applies to diffusers folders; "
+                                      f"{path} is a single file")
             config = _open_single_file(path, sources, prediction, config)
             probe = not given_config and needs_prediction_probe(sources[0].tensors.shapes(), config, prediction)
         if prediction is not None:
@@ -152,7 +157,7 @@ def _open_single_file(path: Path, sources: list[WeightSource], prediction: str |
 
 
 def _open_diffusers(folder: Path, sources: list[WeightSource], prediction: str | None,
-                    config: ModelConfig | None) -> ModelConfig:
+                    config: ModelConfig | None, unet_subfolder: str = "unet") -> ModelConfig:
     present = {entry.name for entry in folder.iterdir()}
     if not present & {"model_index.json", "unet", "vae", "text_encoder"}:
         raise CheckpointError(f"{folder} is not a diffusers model folder: it has no model_index.json, "
@@ -160,7 +165,7 @@ def _open_diffusers(folder: Path, sources: list[WeightSource], prediction: str |
     if "text_encoder" not in present and "text_encoder_2" in present:
         raise CheckpointError(f"{folder} has text_encoder_2/ but no text_encoder/: an SDXL refiner, "
                               "which is not supported")
-    for component in ("unet", "vae", "text_encoder"):
+    for component in (unet_subfolder, "vae", "text_encoder"):
         if not (folder / component).is_dir():
             listed = ""
             if "model_index.json" in present:
@@ -169,7 +174,8 @@ def _open_diffusers(folder: Path, sources: list[WeightSource], prediction: str |
             raise CheckpointError(f"the diffusers folder {folder} has no {component}/ folder{listed}; "
                                   "a Stable Diffusion folder needs unet/, vae/ and text_encoder/")
     texts = [name for name in DIFFUSERS_TEXT_FOLDERS if (folder / name).is_dir()]
-    configs = {name: read_json(folder / name / "config.json") for name in ["unet", "vae"] + texts}
+    configs = {name: read_json(folder / name / "config.json") for name in ["vae"] + texts}
+    configs["unet"] = read_json(folder / unet_subfolder / "config.json")
     optional = {"scheduler": "scheduler/scheduler_config.json", "tokenizer": "tokenizer/special_tokens_map.json",
                 "tokenizer_2": "tokenizer_2/special_tokens_map.json"}
     for name, relative in optional.items():
@@ -185,7 +191,7 @@ def _open_diffusers(folder: Path, sources: list[WeightSource], prediction: str |
         shapes = {f"{name}/{key}": shape for name, source in zip(texts, sources)
                   for key, shape in source.tensors.shapes().items()}
         config = detect(shapes, prediction=prediction, diffusers_configs=configs)
-    for name, mapper in (("unet", functools.partial(map_diffusers_unet_key, config=config.unet)),
+    for name, mapper in ((unet_subfolder, functools.partial(map_diffusers_unet_key, config=config.unet)),
                          ("vae", functools.partial(map_diffusers_vae_key, config=config.vae))):
         weights = find_component_weights(folder / name)
         sources.append(WeightSource(f"{name}/{weights.name}", open_weights(weights), mapper,
