@@ -515,9 +515,9 @@ def test_load_refuses_bad_arguments(folders, tmp_path):
     missing = tmp_path / "no_such_model.safetensors"
     with pytest.raises(CheckpointError, match="no_such_model.safetensors.*no such file"):
         pocketdiffusion.load(missing)
-    with pytest.raises(ValueError, match="needs a model"):
+    with pytest.raises(TypeError, match="model path or name, got NoneType"):
         pocketdiffusion.load(None)
-    with pytest.raises(TypeError, match="path"):
+    with pytest.raises(TypeError, match="model path or name, got int"):
         pocketdiffusion.load(42)
 
 

@@ -1,7 +1,7 @@
 """pocketdiffusion: a Stable Diffusion engine for small hardware.
 
     import pocketdiffusion
-    pipe = pocketdiffusion.load("model.safetensors")
+    pipe = pocketdiffusion.load()                    # the embedded default model, or a path
     image = pipe.generate("a red circle on a blue background", seed=1)[0]
 """
 from __future__ import annotations
@@ -19,9 +19,11 @@ if TYPE_CHECKING:
     from .pipelines.pipeline import Pipeline
 
 
-def load(path: str | os.PathLike, device: "str | torch.device | None" = None, memory: str = "balanced",
+def load(path: str | os.PathLike = "shapes", device: "str | torch.device | None" = None, memory: str = "balanced",
          *, dtype: "torch.dtype | None" = None, prediction: str | None = None) -> "Pipeline":
-    """Load a model file or diffusers folder into a ready `Pipeline`.
+    """Load a model into a ready `Pipeline`: a .safetensors/.ckpt file, a diffusers folder, the name
+    of a model in ./models or $POCKETDIFFUSION_MODELS_DIR, or an embedded model ("shapes", the
+    default; "shapes-inpainting", its 9-channel inpainting variant).
 
     `device`: "cuda", "cpu", "mps" or None (CUDA when available, else CPU). `memory`: the memory
     mode; "balanced" (fp16 weights on GPUs, fp32 on the CPU). `dtype` overrides the weight
@@ -30,17 +32,20 @@ def load(path: str | os.PathLike, device: "str | torch.device | None" = None, me
     """
     import torch
 
+    from .catalog import resolve
     from .checkpoints import load as load_components
     from .pipelines.pipeline import Pipeline
 
     if memory not in MEMORY_MODES:
         raise ValueError(f"memory={memory!r}: expected one of {MEMORY_MODES}")
-    if path is None:
-        raise ValueError("load() needs a model: a .safetensors/.ckpt file or a diffusers folder")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load() takes a model path or name, got {type(path).__name__}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    parts = load_components(path, device=device, dtype=dtype, prediction=prediction)
-    return Pipeline(parts, name=os.path.splitext(os.path.basename(os.fspath(path).rstrip("/")))[0])
+    model = resolve(path)
+    parts = load_components(model.path, device=device, dtype=dtype, prediction=prediction,
+                            unet_subfolder=model.unet_subfolder)
+    return Pipeline(parts, name=model.name)
 
 
 def __getattr__(name: str):

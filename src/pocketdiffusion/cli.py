@@ -75,7 +75,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("generate", "edit", "inpaint", "outpaint"):
         from .cli_generate import run_generation
         return run_generation(args)
-    from .cli_info import inspect_model, show_info
+    from .cli_info import inspect_model, list_models, show_info
+    if args.command == "models":
+        return list_models(args)
     return show_info(args) if args.command == "info" else inspect_model(args)
 
 
@@ -157,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "once to tell)")
     inspect.add_argument("--json", action="store_true",
                          help="print the description as a JSON object (default: readable text)")
+
+    models = _command(commands, "models", "List the models --model accepts by name: the embedded ones and "
+                                          "the checkpoints in ./models and $POCKETDIFFUSION_MODELS_DIR.")
+    models.add_argument("--json", action="store_true",
+                        help="print the list as JSON (default: one model per line)")
     return parser
 
 

@@ -87,11 +87,17 @@ def _iterate_with_progress(run, quiet: bool) -> None:
 # ---- inputs -----------------------------------------------------------------------------------------
 
 def resolve_model(given: str | None) -> str:
-    """--model, else $POCKETDIFFUSION_MODEL; it must exist."""
+    """--model, else $POCKETDIFFUSION_MODEL, else the embedded default model when installed; a
+    path must exist (model names are resolved by pocketdiffusion.load)."""
+    from .catalog import EMBEDDED, DEFAULT_MODEL, embedded_available, local_models
     model = given or os.environ.get(MODEL_ENV) or None
     if model is None:
+        if embedded_available(DEFAULT_MODEL):
+            return DEFAULT_MODEL
         raise ValueError(f"no model given: pass --model with a .safetensors/.ckpt file or a diffusers folder "
                          f"(or set the {MODEL_ENV} environment variable)")
+    if model in EMBEDDED or any(entry.name == model for entry in local_models()):
+        return model
     if not Path(model).exists():
         source = "--model" if given else f"{MODEL_ENV}"
         raise FileNotFoundError(f"{source} '{model}' does not exist; expected a .safetensors/.ckpt file or a "

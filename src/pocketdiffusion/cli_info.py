@@ -1,6 +1,8 @@
 """`pocketdiffusion info IMAGE` and `pocketdiffusion inspect MODEL`: read, never generate."""
 from __future__ import annotations
 
+import sys
+
 import argparse
 import dataclasses
 import json
@@ -127,3 +129,22 @@ def _text(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "(" + ", ".join(str(v) for v in value) + ")"
     return repr(value) if isinstance(value, str) else str(value)
+
+
+def list_models(args) -> int:
+    """`pocketdiffusion models`: one line per model (name, kind, path), without loading any."""
+    import json
+
+    from .catalog import all_models, model_dirs
+    entries = all_models()
+    if args.json:
+        print(json.dumps([{"name": m.name, "path": str(m.path), "embedded": m.embedded,
+                           "unet_subfolder": m.unet_subfolder} for m in entries], indent=1))
+        return 0
+    for m in entries:
+        kind = "embedded" if m.embedded else ("diffusers folder" if m.path.is_dir() else m.path.suffix[1:])
+        print(f"{m.name:24s} {kind:16s} {m.path}")
+    if not entries:
+        searched = ", ".join(str(d) for d in model_dirs())
+        print(f"no models found (searched {searched}); pass --model PATH to the commands", file=sys.stderr)
+    return 0

@@ -149,7 +149,7 @@ SHAPES = ModelConfig(
     unet=UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(0, 1, 1),
                     transformer_depth_middle=1, num_heads=None, head_dim=32, context_dim=256,
                     use_linear_in_transformer=True),
-    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, scaling_factor=1.0),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, scaling_factor=1.0, norm_groups=8),
     native_size=128,
 )
 PRESETS["shapes"] = SHAPES
