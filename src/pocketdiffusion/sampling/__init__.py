@@ -12,12 +12,10 @@ sampler walks `denoiser(x, sigma) -> x0` down a sigma schedule. A typical txt2im
     latents = spec.sample(denoiser, x, sigmas, generator=gen)   # or: for step in spec.steps(...)
 """
 from .denoisers import CFGDenoiser, EpsDenoiser, MaskedDenoiser, VDenoiser
+from .registry import SAMPLERS, SamplerSpec, resolve_sampler, sampler_spec
 from .samplers import (
-    SAMPLERS,
     NonFiniteLatentsError,
-    SamplerSpec,
     SamplerStep,
-    resolve_sampler,
     sample_ddim,
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
@@ -27,7 +25,6 @@ from .samplers import (
     sample_heun,
     sample_lcm,
     sample_unipc,
-    sampler_spec,
 )
 from .schedules import (
     discrete_timesteps,
