@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-MEMORY_MODES = ("balanced",)
+MEMORY_MODES = ("balanced",)  # memory/plan.py MODES as they become available
 
 if TYPE_CHECKING:
     import torch
@@ -34,6 +34,7 @@ def load(path: str | os.PathLike = "shapes", device: "str | torch.device | None"
 
     from .catalog import resolve
     from .checkpoints import load as load_components
+    from .memory.plan import ops_for, plan_for
     from .pipelines.pipeline import Pipeline
 
     if memory not in MEMORY_MODES:
@@ -43,9 +44,10 @@ def load(path: str | os.PathLike = "shapes", device: "str | torch.device | None"
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = resolve(path)
-    parts = load_components(model.path, device=device, dtype=dtype, prediction=prediction,
-                            unet_subfolder=model.unet_subfolder)
-    return Pipeline(parts, name=model.name)
+    plan = plan_for(memory, device)
+    parts = load_components(model.path, device=device, dtype=dtype or plan.weight_dtype, prediction=prediction,
+                            unet_subfolder=model.unet_subfolder, ops=ops_for(plan))
+    return Pipeline(parts, name=model.name, plan=plan)
 
 
 def __getattr__(name: str):

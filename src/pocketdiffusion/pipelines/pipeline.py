@@ -12,6 +12,7 @@ from PIL import Image
 
 from .. import __version__
 from ..checkpoints import Components
+from ..memory.plan import MemoryPlan
 from ..sampling import SamplerStep, sampler_spec
 from .base import Schedule, build_denoiser, denoise, encode_images, encode_prompt, make_generators
 from .img2img import prepare_img2img, strength_start
@@ -134,9 +135,10 @@ def everything_masked_concat(setup: Setup) -> torch.Tensor:
 class Pipeline:
     """A loaded model ready to generate. Build it with `pocketdiffusion.load(...)`."""
 
-    def __init__(self, parts: Components, name: str | None = None):
+    def __init__(self, parts: Components, name: str | None = None, plan: MemoryPlan | None = None):
         self.parts = parts
         self.name = name or parts.source
+        self.plan = plan or MemoryPlan()
         self.previewer = Previewer(parts)
         self.schedule = Schedule.of(parts)
 

@@ -1,0 +1,56 @@
+"""`MemoryPlan`: the single source of truth for memory (DESIGN.md, Memory): in which dtype the
+weights live, whether they are int8-quantized, which attention kernel runs and in what chunks,
+and whether the VAE works in tiles. The loader builds the models from it; the pipelines read it.
+
+Modes (`pocketdiffusion.load(memory=...)`):
+- "balanced": fp16 weights on GPUs (fp32 on the CPU); SDPA attention on CUDA and the CPU (both
+  have blocked flash kernels that never hold the full attention matrix; measured on the 2-core
+  CPU at 4096 tokens, SDPA took 0.21 s against 0.53 s for our chunked kernel), chunked attention
+  with in-place softmax on MPS; the VAE tiled above `vae_tile_above` pixels.
+- "low": as balanced, with int8 weight-only per-output-channel quantization of the UNet's
+  linears and convolutions, dequantized per layer on use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+MODES = ("balanced", "low")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    mode: str = "balanced"
+    weight_dtype: torch.dtype | None = None  # None: float16 on GPUs, float32 on the CPU
+    quantize_unet: bool = False  # int8 weight-only (memory/quant.py)
+    attention: str = "sdpa"  # "sdpa" or "chunked"
+    attention_chunk: int = 1024  # query rows per chunk for "chunked"
+    vae_tile_above: int | None = 1024 * 1024  # tile the VAE when an image has more pixels; None = never
+    vae_tile: int = 64  # latent tile side
+    vae_tile_overlap: int = 16  # latent overlap between tiles, blended
+
+    def with_(self, **changes) -> "MemoryPlan":
+        return replace(self, **changes)
+
+
+def plan_for(mode: str, device: torch.device | str) -> MemoryPlan:
+    """The plan of a named mode on a device."""
+    if mode not in MODES:
+        raise ValueError(f"memory={mode!r}: expected one of {MODES}")
+    device = torch.device(device)
+    attention = "chunked" if device.type == "mps" else "sdpa"
+    return MemoryPlan(mode=mode, attention=attention, quantize_unet=mode == "low")
+
+
+def ops_for(plan: MemoryPlan):
+    """The layer family the models are built from under this plan (the attention kernel)."""
+    import functools
+
+    from ..models.attention import chunked_attention
+    from ..models.ops import DEFAULT_OPS, Ops
+    if plan.attention == "chunked":
+        return Ops(attention=functools.partial(chunked_attention, chunk=plan.attention_chunk))
+    if plan.attention != "sdpa":
+        raise ValueError(f"attention={plan.attention!r}: expected 'sdpa' or 'chunked'")
+    return DEFAULT_OPS
