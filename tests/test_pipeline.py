@@ -526,3 +526,17 @@ def test_the_public_names_resolve():
     assert pocketdiffusion.Pipeline.__name__ == "Pipeline" and pocketdiffusion.Step.__name__ == "Step"
     with pytest.raises(AttributeError, match="no attribute 'Pipe'"):
         pocketdiffusion.Pipe
+
+
+def test_low_memory_mode_quantizes_the_unet_and_stays_close(folders):
+    from pocketdiffusion.memory.quant import Int8Conv2d
+    balanced = pocketdiffusion.load(folders["sd1"], device="cpu")
+    low = pocketdiffusion.load(folders["sd1"], device="cpu", memory="low")
+    assert low.plan.quantize_unet and not balanced.plan.quantize_unet
+    assert isinstance(low.parts.unet.input_blocks[1][0].in_layers[2], Int8Conv2d)
+    weights = lambda m: sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])  # noqa: E731
+    assert weights(low.parts.unet) < 0.4 * weights(balanced.parts.unet)
+    a = pixels(balanced.generate(PROMPT, seed=3, **FAST)[0]).astype(float)
+    b = pixels(low.generate(PROMPT, seed=3, **FAST)[0]).astype(float)
+    psnr = 10 * np.log10(255 ** 2 / max(((a - b) ** 2).mean(), 1e-12))
+    assert psnr >= 25, psnr

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-MEMORY_MODES = ("balanced",)  # memory/plan.py MODES as they become available
+MEMORY_MODES = ("balanced", "low")  # memory/plan.py MODES
 
 if TYPE_CHECKING:
     import torch
@@ -26,7 +26,8 @@ def load(path: str | os.PathLike = "shapes", device: "str | torch.device | None"
     default; "shapes-inpainting", its 9-channel inpainting variant).
 
     `device`: "cuda", "cpu", "mps" or None (CUDA when available, else CPU). `memory`: the memory
-    mode; "balanced" (fp16 weights on GPUs, fp32 on the CPU). `dtype` overrides the weight
+    mode (memory/plan.py): "balanced" (fp16 weights on GPUs, fp32 on the CPU) or "low" (as
+    balanced, with the UNet's weights int8, dequantized per layer on use). `dtype` overrides the weight
     precision; `prediction` ("eps"/"v") overrides what the files say. A missing or unreadable
     model raises `CheckpointError` (a ValueError) naming the path and what was wrong.
     """
@@ -47,6 +48,9 @@ def load(path: str | os.PathLike = "shapes", device: "str | torch.device | None"
     plan = plan_for(memory, device)
     parts = load_components(model.path, device=device, dtype=dtype or plan.weight_dtype, prediction=prediction,
                             unet_subfolder=model.unet_subfolder, ops=ops_for(plan))
+    if plan.quantize_unet:
+        from .memory.quant import quantize_
+        quantize_(parts.unet)
     return Pipeline(parts, name=model.name, plan=plan)
 
 

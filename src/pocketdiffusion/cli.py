@@ -231,7 +231,8 @@ def _generation_options(parser: argparse.ArgumentParser, size_default: str, also
     model.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:N or mps (default: cuda when "
                                                           "available, else cpu)")
     model.add_argument("--memory", choices=MEMORY_MODES, default="balanced",
-                       help="memory mode: balanced keeps fp16 weights on GPUs, fp32 on the CPU "
+                       help="memory mode: balanced keeps fp16 weights on GPUs, fp32 on the CPU; low "
+                            "also stores the UNet's weights as int8, dequantized layer by layer "
                             "(default: balanced)")
     model.add_argument("--prediction", choices=PREDICTIONS,
                        help="override what the model predicts, eps or v (default: what its files say)")
