@@ -13,6 +13,8 @@ import torch
 from ..checkpoints import Components
 from ..models.unet import sdxl_label_vector
 from ..checkpoints.formats import read_json
+from ..memory.plan import MemoryPlan
+from ..memory.tiling import should_tile, tiled_decode, tiled_encode
 from ..sampling import (CFGDenoiser, EpsDenoiser, SamplerSpec, SamplerStep, VDenoiser, get_sigmas_discrete,
                         init_noise_sigma, scaled_linear_alphas_cumprod)
 from .prompts import encode_prompt_pair, encode_prompt_plain
@@ -132,24 +134,42 @@ def draw_noise(generators: list[torch.Generator], shape: tuple[int, ...], device
     return noise.to(device=device, dtype=dtype)
 
 
-def encode_images(parts: Components, pixels: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+def encode_images(parts: Components, pixels: torch.Tensor, generators: list[torch.Generator] | None,
+                  plan: MemoryPlan | None = None) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> scaled latents; sampled with each image's generator as diffusers'
-    `retrieve_latents(vae.encode(image), generator)` does, or the mean when generators is None."""
+    `retrieve_latents(vae.encode(image), generator)` does, or the mean when generators is None.
+    Images above the plan's `vae_tile_above` pixels are encoded in blended tiles."""
     vae = parts.vae
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    plan = plan or MemoryPlan()
+    tiled = should_tile(pixels.shape[-2] * pixels.shape[-1], plan.vae_tile_above)
     with torch.inference_mode():
         latents = []
         for i in range(pixels.shape[0]):
             image = pixels[i:i + 1].to(device, dtype)
             g = generators[i] if generators is not None else None
-            latents.append(vae.encode_latents(image, generator=g, sample=g is not None))
+            if tiled:
+                f = vae.downscale
+                latents.append(tiled_encode(vae, image, tile=plan.vae_tile * f, overlap=plan.vae_tile_overlap * f,
+                                            generator=g, sample=g is not None))
+            else:
+                latents.append(vae.encode_latents(image, generator=g, sample=g is not None))
         return torch.cat(latents) * vae.scaling_factor
 
 
-def decode_latents(parts: Components, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> (B, 3, H, W) pixels in about [-1, 1], one image at a time (peak memory)."""
+def decode_latents(parts: Components, latents: torch.Tensor, plan: MemoryPlan | None = None) -> torch.Tensor:
+    """Scaled latents -> (B, 3, H, W) pixels in about [-1, 1], one image at a time (peak memory);
+    above the plan's `vae_tile_above` pixels in blended tiles, so the decoder never holds a
+    full-resolution activation."""
     vae = parts.vae
     dtype = next(vae.parameters()).dtype
+    plan = plan or MemoryPlan()
+    f = vae.downscale
+    tiled = should_tile(latents.shape[-2] * latents.shape[-1] * f * f, plan.vae_tile_above)
     with torch.inference_mode():
-        return torch.cat([vae.decode(latents[i:i + 1].to(dtype) / vae.scaling_factor)
-                          for i in range(latents.shape[0])])
+        out = []
+        for i in range(latents.shape[0]):
+            z = latents[i:i + 1].to(dtype) / vae.scaling_factor
+            out.append(tiled_decode(vae, z, tile=plan.vae_tile, overlap=plan.vae_tile_overlap) if tiled
+                       else vae.decode(z))
+        return torch.cat(out)

@@ -31,6 +31,6 @@ def noised_start(setup: Setup, latents: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def prepare_img2img(setup: Setup) -> Prepared:
-    latents = encode_images(setup.parts, init_pixels(setup), setup.generators).to(setup.dtype)
+    latents = encode_images(setup.parts, init_pixels(setup), setup.generators, setup.plan).to(setup.dtype)
     x, sigmas = noised_start(setup, latents)
     return Prepared(x=x, sigmas=sigmas, finish=setup.decode)

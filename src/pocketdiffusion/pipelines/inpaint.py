@@ -44,14 +44,14 @@ def prepare_inpaint(setup: Setup) -> Prepared:
 
     image_latents = None
     if not nine_channel or not full_strength:
-        image_latents = encode_images(parts, pixels, setup.generators).to(setup.dtype)
+        image_latents = encode_images(parts, pixels, setup.generators, setup.plan).to(setup.dtype)
     noise = setup.noise(setup.generators)
     concat = None
     h, w = setup.latent_shape[1:]
     mask_lat = latent_mask(binary, h, w, setup.device, setup.dtype).expand(batch, -1, -1, -1)
     if nine_channel:
         masked_pixels = pixels * torch.from_numpy(binary < 0.5)[None, None]
-        masked_latents = encode_images(parts, masked_pixels, setup.generators).to(setup.dtype)
+        masked_latents = encode_images(parts, masked_pixels, setup.generators, setup.plan).to(setup.dtype)
         concat = torch.cat([mask_lat, masked_latents], dim=1)
     if image_latents is not None and request.inpainting_fill == "latent_noise":
         fill = setup.noise(setup.generators)  # A1111 "latent noise": the masked area starts from noise

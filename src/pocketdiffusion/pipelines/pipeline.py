@@ -69,7 +69,7 @@ class Run:
         for batch in range(request.batch_count):
             batch_seeds = [self.first_seed + batch * request.batch_size + i for i in range(request.batch_size)]
             setup = Setup(parts, request, self.spec, pipe.schedule, sigmas, batch_seeds, make_generators(batch_seeds),
-                          self.width, self.height)
+                          self.width, self.height, pipe.plan)
             with torch.inference_mode():
                 prepared: Prepared = PREPARE[request.mode](setup)
                 concat = prepared.concat
@@ -126,7 +126,7 @@ def everything_masked_concat(setup: Setup) -> torch.Tensor:
     same with its default inpainting_mask_weight 1). The grey image is encoded by its mean (A1111
     samples it from the global RNG; the mean keeps seeds reproducible). (B, 1 + C, h, w)."""
     grey = torch.zeros(1, 3, setup.height, setup.width)  # 0.5 grey in [0, 1] is 0 in [-1, 1]
-    latents = encode_images(setup.parts, grey, None).to(setup.dtype)  # (1, C, h, w)
+    latents = encode_images(setup.parts, grey, None, setup.plan).to(setup.dtype)  # (1, C, h, w)
     batch = len(setup.seeds)
     mask = torch.ones(batch, 1, *latents.shape[2:], device=latents.device, dtype=latents.dtype)
     return torch.cat([mask, latents.expand(batch, -1, -1, -1)], dim=1)

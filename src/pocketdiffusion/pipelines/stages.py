@@ -2,13 +2,14 @@
 starting latents, the sigma slice, an optional denoiser wrapper and the finishing step."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from PIL import Image
 
 from ..checkpoints import Components
+from ..memory.plan import MemoryPlan
 from ..sampling import SamplerSpec
 from .base import Schedule, decode_latents, draw_noise
 from .images import to_pil
@@ -26,6 +27,7 @@ class Setup:
     generators: list[torch.Generator]
     width: int
     height: int
+    plan: MemoryPlan = field(default_factory=MemoryPlan)
 
     @property
     def device(self) -> torch.device:
@@ -44,7 +46,7 @@ class Setup:
         return draw_noise(generators, self.latent_shape, self.device, self.dtype)
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        return to_pil(decode_latents(self.parts, latents))
+        return to_pil(decode_latents(self.parts, latents, self.plan))
 
 
 @dataclass
