@@ -38,6 +38,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..models.vae import AutoencoderKL
+
 Span = tuple[int, int]  # [start, stop) along one axis
 
 
@@ -200,17 +202,5 @@ def _check_tile_overlap(tile: object, overlap: object, *, multiple: int, unit: s
 
 
 def _check_tensor(t: object, what: str, channels: int, multiple: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"tiled VAE {what} must be a torch.Tensor, got {type(t).__name__}")
-    if t.ndim != 4:
-        raise ValueError(f"tiled VAE {what} must have shape (B, {channels}, H, W), got {t.ndim} "
-                         f"dimensions: {tuple(t.shape)}")
-    if t.shape[1] != channels:
-        raise ValueError(f"tiled VAE {what} must have {channels} channels (B, {channels}, H, W), "
-                         f"got {t.shape[1]} channels: {tuple(t.shape)}")
-    height, width = t.shape[-2:]
-    if height == 0 or width == 0 or height % multiple or width % multiple:
-        raise ValueError(f"tiled VAE {what} height and width must be positive multiples of {multiple}, "
-                         f"got {height}x{width}")
-    if not t.is_floating_point():
-        raise TypeError(f"tiled VAE {what} must be a floating-point tensor, got {t.dtype}")
+    """The VAE's own input check (same messages), named as the tiled call's input."""
+    AutoencoderKL._check_input(t, f"(tiled) {what}", channels, multiple)
