@@ -6,6 +6,7 @@ existing file is never overwritten unless asked.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -115,9 +116,8 @@ def _fsync_folder(folder: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a folder; the file itself is already synced
+        with contextlib.suppress(OSError):  # some filesystems cannot fsync a folder; the file itself is synced
+            os.fsync(fd)
     finally:
         os.close(fd)
 
