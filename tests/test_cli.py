@@ -6,6 +6,7 @@ import argparse
 import json
 import shutil
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 
@@ -411,3 +412,19 @@ def test_help_runs_as_a_module_and_as_the_installed_command():
         assert done.stdout.startswith("usage: pocketdiffusion") and "inpaint" in done.stdout
         assert done.stderr == ""
 
+
+
+def test_warnings_such_as_the_memory_fallback_print_as_one_line(sd1, capsys, tmp_path, monkeypatch):
+    from pocketdiffusion.memory.plan import MemoryFallbackWarning
+    original = Run.__iter__
+
+    def iterate_with_a_warning(self):
+        warnings.warn("out of memory with memory='balanced'; retrying once with memory='low'",
+                      MemoryFallbackWarning)
+        yield from original(self)
+    monkeypatch.setattr(Run, "__iter__", iterate_with_a_warning)
+    code, out, err = cli_run(capsys, "generate", "a cat", "--model", sd1, "--steps", "2", "--width", "64",
+                             "--height", "64", "--device", "cpu", "--quiet", "--outdir", tmp_path)
+    assert code == 0
+    assert "pocketdiffusion: out of memory with memory='balanced'; retrying once with memory='low'\n" in err
+    assert "Warning" not in err

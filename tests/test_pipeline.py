@@ -558,3 +558,47 @@ def test_the_plan_tiles_the_vae_above_its_threshold(folders):
     out = tiled.inpaint(image, mask, PROMPT, steps=STEPS, seed=2, mask_blur=0)[0]
     keep = _kept(mask)
     assert np.array_equal(pixels(out)[keep], pixels(image)[keep])
+
+
+def test_an_out_of_memory_is_retried_once_on_the_next_lower_plan(folders):
+    from pocketdiffusion.memory.plan import MemoryFallbackWarning
+    from pocketdiffusion.memory.quant import Int8Conv2d
+    pipe = pocketdiffusion.load(folders["sd1"], device="cpu")
+    expected = pocketdiffusion.load(folders["sd1"], device="cpu", memory="low").generate(PROMPT, seed=4, **FAST)[0]
+    unet, calls = pipe.parts.unet, {"n": 0}
+    original = unet.forward
+
+    def forward_that_runs_out_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second step of the first attempt
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(*args, **kwargs)
+    unet.forward = forward_that_runs_out_once
+    with pytest.warns(MemoryFallbackWarning, match="out of memory with memory='balanced'; retrying once with "
+                                                   "memory='low'"):
+        image = pipe.generate(PROMPT, seed=4, **FAST)[0]
+    assert pipe.plan.mode == "low" and isinstance(unet.input_blocks[1][0].in_layers[2], Int8Conv2d)
+    assert np.array_equal(pixels(image), pixels(expected))  # the whole batch ran again on the lower plan
+
+    # A second out-of-memory in the same run, or an error that is not one, is raised as it is.
+    calls["n"] = 0
+
+    def always_out(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    unet.forward = always_out
+    with pytest.warns(MemoryFallbackWarning), pytest.raises(torch.OutOfMemoryError):
+        pipe.generate(PROMPT, seed=4, **FAST)
+    assert pipe.plan.vae_tile_above == 0
+    unet.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a shape bug"))
+    with pytest.raises(RuntimeError, match="a shape bug"):
+        pipe.generate(PROMPT, seed=4, **FAST)
+
+
+def test_lower_plans():
+    from pocketdiffusion.memory.plan import MemoryPlan, is_out_of_memory, lower_plan
+    first = lower_plan(MemoryPlan())
+    assert first.mode == "low" and first.quantize_unet
+    assert lower_plan(first).vae_tile_above == 0 and lower_plan(lower_plan(first)) is None
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate"))
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch")) and not is_out_of_memory(ValueError("x"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Sequence
 
 from . import MEMORY_MODES, __version__
@@ -62,13 +63,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as stop:  # --help, --version, or a usage error argparse has printed
         return stop.code if isinstance(stop.code, int) else 0 if stop.code is None else EXIT_USAGE
     try:
-        return _dispatch(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning  # e.g. the out-of-memory fallback's message
+            return _dispatch(args)
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except USER_ERRORS as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

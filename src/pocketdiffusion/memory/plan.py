@@ -54,3 +54,25 @@ def ops_for(plan: MemoryPlan):
     if plan.attention != "sdpa":
         raise ValueError(f"attention={plan.attention!r}: expected 'sdpa' or 'chunked'")
     return DEFAULT_OPS
+
+
+class MemoryFallbackWarning(UserWarning):
+    """A generation ran out of memory and is being retried on a lower plan."""
+
+
+def lower_plan(plan: MemoryPlan) -> MemoryPlan | None:
+    """The next plan down after an out-of-memory: int8 UNet weights, then the VAE tiled at every
+    size; None when there is nothing lower left to try."""
+    if not plan.quantize_unet:
+        return plan.with_(mode="low", quantize_unet=True)
+    if plan.vae_tile_above != 0:
+        return plan.with_(vae_tile_above=0)
+    return None
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU/MPS allocators' RuntimeErrors."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

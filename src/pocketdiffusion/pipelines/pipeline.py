@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import random
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -12,7 +13,7 @@ from PIL import Image
 
 from .. import __version__
 from ..checkpoints import Components
-from ..memory.plan import MemoryPlan
+from ..memory.plan import MemoryFallbackWarning, MemoryPlan, is_out_of_memory, lower_plan
 from ..sampling import SamplerStep, sampler_spec
 from .base import Schedule, build_denoiser, denoise, encode_images, encode_prompt, make_generators
 from .img2img import prepare_img2img, strength_start
@@ -59,40 +60,70 @@ class Run:
         our code runs, never across a yield: the caller's loop body (a progress bar, a preview,
         a cancel button) runs in whatever mode it had."""
         pipe, request = self.pipe, self.request
-        parts = pipe.parts
         self.result = None
-        with torch.inference_mode():
-            conditioning = encode_prompt(parts, request)
-            sigmas = pipe.schedule.sigmas(self.spec, self.karras, request.steps)
+        retried = False
+        while True:  # at most twice: an out-of-memory is retried once on the next lower plan
+            try:
+                with torch.inference_mode():
+                    conditioning = encode_prompt(pipe.parts, request)
+                    sigmas = pipe.schedule.sigmas(self.spec, self.karras, request.steps)
+                break
+            except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled
+                retried = self._fall_back(error, retried)
         images, seeds = [], []
-        index, total = 0, self.total_steps
+        steps_per_batch = self.total_steps // request.batch_count
         for batch in range(request.batch_count):
             batch_seeds = [self.first_seed + batch * request.batch_size + i for i in range(request.batch_size)]
-            setup = Setup(parts, request, self.spec, pipe.schedule, sigmas, batch_seeds, make_generators(batch_seeds),
-                          self.width, self.height, pipe.plan)
-            with torch.inference_mode():
-                prepared: Prepared = PREPARE[request.mode](setup)
-                concat = prepared.concat
-                if concat is None and parts.config.is_inpainting:
-                    concat = everything_masked_concat(setup)
-                denoiser = build_denoiser(parts, request, conditioning, len(batch_seeds), self.width, self.height,
-                                          self.spec, concat=concat)
-                if prepared.wrap is not None:
-                    denoiser = prepared.wrap(denoiser)
-            x = prepared.x
-            if len(prepared.sigmas) > 1:
-                for sampler_step in _outside_inference_mode(
-                        denoise(self.spec, denoiser, x, prepared.sigmas, setup.generators)):
-                    x = sampler_step.x
-                    yield Step(index=index, total=total, batch=batch, latents=x, denoised=sampler_step.denoised,
-                               sigma=float(sampler_step.sigma), _preview=pipe.previewer)
-                    index += 1
-            with torch.inference_mode():
-                images += prepared.finish(x)
+            while True:
+                try:
+                    images += yield from self._batch(batch, batch_seeds, conditioning, sigmas,
+                                                     batch * steps_per_batch)
+                    break
+                except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled
+                    retried = self._fall_back(error, retried)  # then the batch starts again
             seeds += batch_seeds
         self.result = Result(images=images, seeds=seeds,
                              parameters=[self.pipe.infotext(request, s, self.width, self.height) for s in seeds],
                              request=request)
+
+    def _batch(self, batch: int, batch_seeds: list[int], conditioning, sigmas, first_index: int):
+        """One batch: yields its Steps, returns its images."""
+        pipe, request, parts = self.pipe, self.request, self.pipe.parts
+        setup = Setup(parts, request, self.spec, pipe.schedule, sigmas, batch_seeds, make_generators(batch_seeds),
+                      self.width, self.height, pipe.plan)
+        with torch.inference_mode():
+            prepared: Prepared = PREPARE[request.mode](setup)
+            concat = prepared.concat
+            if concat is None and parts.config.is_inpainting:
+                concat = everything_masked_concat(setup)
+            denoiser = build_denoiser(parts, request, conditioning, len(batch_seeds), self.width, self.height,
+                                      self.spec, concat=concat)
+            if prepared.wrap is not None:
+                denoiser = prepared.wrap(denoiser)
+        x, index = prepared.x, first_index
+        if len(prepared.sigmas) > 1:
+            for sampler_step in _outside_inference_mode(
+                    denoise(self.spec, denoiser, x, prepared.sigmas, setup.generators)):
+                x = sampler_step.x
+                yield Step(index=index, total=self.total_steps, batch=batch, latents=x,
+                           denoised=sampler_step.denoised, sigma=float(sampler_step.sigma), _preview=pipe.previewer)
+                index += 1
+        with torch.inference_mode():
+            return prepared.finish(x)
+
+    def _fall_back(self, error: Exception, retried: bool) -> bool:
+        """Re-raise `error` unless it is the run's first out-of-memory and a lower plan exists;
+        else switch the pipeline to that plan, say so in one line, and return True."""
+        lower = lower_plan(self.pipe.plan)
+        if retried or lower is None or not is_out_of_memory(error):
+            raise error
+        previous = self.pipe.plan
+        self.pipe.use_plan(lower)
+        warnings.warn(f"out of memory with memory={previous.mode!r}"
+                      f"{'' if previous.vae_tile_above != 0 else ' (VAE tiled)'}; retrying once with "
+                      f"memory={lower.mode!r}{' and the VAE tiled' if lower.vae_tile_above == 0 else ''}",
+                      MemoryFallbackWarning, stacklevel=3)
+        return True
 
     def wait(self) -> Result:
         """Run to the end (or return the result of a run that already finished)."""
@@ -141,6 +172,15 @@ class Pipeline:
         self.plan = plan or MemoryPlan()
         self.previewer = Previewer(parts)
         self.schedule = Schedule.of(parts)
+
+    def use_plan(self, plan: MemoryPlan) -> None:
+        """Switch to another memory plan in place (quantizing the UNet if it asks for int8)."""
+        if plan.quantize_unet:
+            from ..memory.quant import quantize_
+            quantize_(self.parts.unet)
+        self.plan = plan
+        if next(self.parts.unet.parameters()).device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @property
     def config(self):
