@@ -3,7 +3,8 @@
 Peak RSS of the load over the RSS of the same process right after its imports (the
 torch-imported baseline of DESIGN.md, plus the loading library's own import), for
 pocketdiffusion's `checkpoints.load` and for diffusers' `StableDiffusionPipeline.from_single_file`,
-each in a fresh subprocess, on the same random-weight file.
+each in a fresh subprocess, on the same random-weight file; and the load of the same model
+converted to a pocketdiffusion store (`pocketdiffusion convert`, fp16).
 
     python bench/load_memory.py --file /tmp/sd15_fp32.safetensors   # writes the file if missing
 """
@@ -25,14 +26,14 @@ def rss(field):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
 which, path, cfg = sys.argv[1], sys.argv[2], sys.argv[3]
-if which == "ours":
+if which in ("ours", "store"):
     from pocketdiffusion.checkpoints import load
 else:
     from diffusers import StableDiffusionPipeline
 base = rss("VmRSS:")
 t0 = time.perf_counter()
-if which == "ours":
-    c = load(path, dtype=torch.float16)
+if which in ("ours", "store"):
+    c = load(path if which == "ours" else path.replace(".safetensors", ".store.safetensors"), dtype=torch.float16)
     modules = [*c.text_encoders, c.unet, c.vae]
 else:
     p = StableDiffusionPipeline.from_single_file(path, config=cfg, local_files_only=True,
@@ -97,11 +98,16 @@ def write_diffusers_config_folder(folder: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--file", type=Path, default=Path(tempfile.gettempdir()) / "sd15_fp32.safetensors")
-    ap.add_argument("--which", nargs="+", default=["ours", "diffusers"])
+    ap.add_argument("--which", nargs="+", default=["ours", "diffusers", "store"],
+                    help="store: the file converted by `pocketdiffusion convert` (written next to it if missing)")
     args = ap.parse_args()
     if not args.file.exists():
         print(f"writing {args.file} ...", flush=True)
         write_random_sd15(args.file)
+    store = args.file.with_name(args.file.name.replace(".safetensors", ".store.safetensors"))
+    if "store" in args.which and not store.exists():
+        from pocketdiffusion.checkpoints.store import convert
+        convert(args.file, store)
     with tempfile.TemporaryDirectory() as cfg:
         write_diffusers_config_folder(Path(cfg))
         for which in args.which:

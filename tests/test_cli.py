@@ -378,7 +378,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 
 def test_every_subcommand_help_explains_every_option_with_its_default(capsys):
     commands = _subcommands(build_parser())
-    assert set(commands) == {"generate", "edit", "inpaint", "outpaint", "info", "inspect", "models"}
+    assert set(commands) == {"generate", "edit", "inpaint", "outpaint", "info", "inspect", "models", "convert"}
     for name, parser in commands.items():
         assert main([name, "--help"]) == 0
         shown = " ".join(capsys.readouterr().out.split())  # undo the line wrapping

@@ -82,9 +82,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("generate", "edit", "inpaint", "outpaint"):
         from .cli_generate import run_generation
         return run_generation(args)
-    from .cli_info import inspect_model, list_models, show_info
+    from .cli_info import convert_model, inspect_model, list_models, show_info
     if args.command == "models":
         return list_models(args)
+    if args.command == "convert":
+        return convert_model(args)
     return show_info(args) if args.command == "info" else inspect_model(args)
 
 
@@ -166,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
                               "once to tell)")
     inspect.add_argument("--json", action="store_true",
                          help="print the description as a JSON object (default: readable text)")
+
+    convert = _command(commands, "convert", "Write a model as a pocketdiffusion store: one .safetensors file "
+                                            "in execution order and the run dtype, that loads by mmap "
+                                            "without detection or conversion.")
+    convert.add_argument("model", metavar="MODEL", help="a .safetensors/.ckpt file or a diffusers folder")
+    convert.add_argument("out", metavar="OUT.safetensors", help="the store to write")
+    convert.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
+                         help="weight precision of the store (default: fp16)")
+    convert.add_argument("--prediction", choices=PREDICTIONS,
+                         help="override what the model predicts (eps or v); default: read from the files")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)")
 
     models = _command(commands, "models", "List the models --model accepts by name: the embedded ones and "
                                           "the checkpoints in ./models and $POCKETDIFFUSION_MODELS_DIR.")

@@ -148,3 +148,13 @@ def list_models(args) -> int:
         searched = ", ".join(str(d) for d in model_dirs())
         print(f"no models found (searched {searched}); pass --model PATH to the commands", file=sys.stderr)
     return 0
+
+
+def convert_model(args) -> int:
+    """`pocketdiffusion convert MODEL OUT`: write the store, print its path."""
+    import torch
+
+    from .checkpoints.store import convert
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    print(convert(args.model, args.out, dtype=dtype, prediction=args.prediction, overwrite=args.overwrite))
+    return 0

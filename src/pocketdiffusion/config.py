@@ -6,7 +6,7 @@ misnomer, SD2's open_clip layout) are absorbed in `checkpoints/`, never here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -153,3 +153,23 @@ SHAPES = ModelConfig(
     native_size=128,
 )
 PRESETS["shapes"] = SHAPES
+
+
+def config_to_dict(config: ModelConfig) -> dict:
+    """A ModelConfig as plain JSON-able data (tuples become lists)."""
+    return asdict(config)
+
+
+def config_from_dict(data: dict) -> ModelConfig:
+    """The inverse of config_to_dict; a TypeError/ValueError names what does not fit."""
+    def tupled(d: dict) -> dict:
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return ModelConfig(
+        family=data["family"],
+        text_encoders=tuple(CLIPConfig(**tupled(d)) for d in data["text_encoders"]),
+        prompt_encodings=tuple(PromptEncoding(**d) for d in data["prompt_encodings"]),
+        unet=UNetConfig(**tupled(data["unet"])),
+        vae=VAEConfig(**tupled(data["vae"])),
+        prediction=data["prediction"],
+        native_size=data["native_size"],
+    )

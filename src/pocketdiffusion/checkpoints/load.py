@@ -33,6 +33,7 @@ from .formats import TensorSource, find_component_weights, open_weights, read_js
 from .keymaps import UNET, VAE, Mapped, UnexpectedKey, discard_reason, map_hf_clip_key, map_ldm_key, \
     meta_like, text_encoder
 from .keymaps_diffusers import diffusers_discard_reason, map_diffusers_unet_key, map_diffusers_vae_key
+from .store import identity_key, is_store, no_discard, store_config
 
 MAX_LISTED = 10  # problems listed per kind in one error
 DIFFUSERS_TEXT_FOLDERS = ("text_encoder", "text_encoder_2")
@@ -116,7 +117,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
                 raise CheckpointError(f"unet_subfolder={unet_subfolder!r} applies to diffusers folders; "
                                       f"{path} is a single file")
             config = _open_single_file(path, sources, prediction, config)
-            probe = not given_config and needs_prediction_probe(sources[0].tensors.shapes(), config, prediction)
+            probe = (not given_config and not is_store(sources[0].tensors)  # a store's header says eps or v
+                     and needs_prediction_probe(sources[0].tensors.shapes(), config, prediction))
         if prediction is not None:
             config = with_prediction(config, prediction)
         models = _build_on_meta(config, ops)
@@ -152,6 +154,9 @@ class WeightSource:
 def _open_single_file(path: Path, sources: list[WeightSource], prediction: str | None,
                       config: ModelConfig | None) -> ModelConfig:
     tensors = open_weights(path)
+    if is_store(tensors):  # `pocketdiffusion convert`'s output: our names, the config in the header
+        sources.append(WeightSource(path.name, tensors, identity_key, no_discard))
+        return config if config is not None else store_config(tensors)
     sources.append(WeightSource(path.name, tensors, map_ldm_key, discard_reason))
     return config if config is not None else detect(tensors.shapes(), prediction=prediction)
 
