@@ -6,7 +6,7 @@ misnomer, SD2's open_clip layout) are absorbed in `checkpoints/`, never here.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..models.vae import AutoencoderKL
+from ..models.vae import AutoencoderKL, sample_posterior
 
 Span = tuple[int, int]  # [start, stop) along one axis
 
@@ -143,14 +143,8 @@ def tiled_encode(vae, x: torch.Tensor, *, tile: int = 512, overlap: int = 128,
     if height <= tile and width <= tile:
         return vae.encode_latents(x, generator=generator, sample=sample)
     mean, logvar = tiled_encode_moments(vae, x, tile=tile, overlap=overlap)
-    if not sample:
-        return mean
-    # The draw of AutoencoderKL.encode_latents (models/vae.py), which follows diffusers'
-    # DiagonalGaussianDistribution.sample: noise on the generator's device, then moved.
-    noise_device = generator.device if generator is not None else mean.device
-    noise = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=mean.dtype)
-    std = torch.exp(0.5 * logvar)
-    return mean + std * noise.to(mean.device)
+    # one draw over the whole blended posterior, as AutoencoderKL.encode_latents draws it
+    return sample_posterior(mean, logvar, generator) if sample else mean
 
 
 def _blend_tiles(source: torch.Tensor, rows: list[Span], cols: list[Span],

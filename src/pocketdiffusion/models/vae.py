@@ -238,6 +238,16 @@ class Decoder(nn.Module):
         return self.conv_out(h)
 
 
+def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """mean + std * noise, the draw of diffusers' DiagonalGaussianDistribution.sample: the noise
+    from `torch.randn` with `generator` on the generator's device, then moved (so a CPU generator
+    gives the same latents on every device)."""
+    noise_device = generator.device if generator is not None else mean.device
+    noise = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar) * noise.to(mean.device)
+
+
 class AutoencoderKL(nn.Module):
     """LDM's AutoencoderKL: `encode` an image in [-1, 1] to the moments of a diagonal Gaussian
     over latents, `decode` latents back to an image.
@@ -282,12 +292,7 @@ class AutoencoderKL(nn.Module):
         mean + std * noise, the noise from `torch.randn` with `generator` (on the generator's
         device, then moved, so a CPU generator gives the same latents on every device)."""
         mean, logvar = self.encode(x)
-        if not sample:
-            return mean
-        noise_device = generator.device if generator is not None else mean.device
-        noise = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=mean.dtype)
-        std = torch.exp(0.5 * logvar)
-        return mean + std * noise.to(mean.device)
+        return sample_posterior(mean, logvar, generator) if sample else mean
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latents z (B, embed_dim, h, w) -> image (B, out_ch, h*f, w*f), roughly in

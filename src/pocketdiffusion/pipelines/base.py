@@ -116,10 +116,11 @@ def _time_ids(request: GenerationRequest, width: int, height: int, device) -> to
 
 
 def denoise(spec: SamplerSpec, denoiser, x: torch.Tensor, sigmas: torch.Tensor,
-            generator: torch.Generator) -> Iterator[SamplerStep]:
-    """The one denoising loop: yields a SamplerStep per step. Stopping the iteration cancels."""
-    with torch.inference_mode():
-        yield from spec.steps(denoiser, x, sigmas, generator=generator)
+            generators: list[torch.Generator]) -> Iterator[SamplerStep]:
+    """The one denoising loop: a SamplerStep per step; stopping the iteration cancels. Noise-drawing
+    samplers draw each image's noise from its own generator. The caller advances it under
+    inference mode (Run does, one step at a time, so the mode never spans its yields)."""
+    return spec.steps(denoiser, x, sigmas, generator=generators)
 
 
 def make_generators(seeds: list[int]) -> list[torch.Generator]:

@@ -19,7 +19,7 @@ diffusers differs from k-diffusion by design we follow diffusers and say so in t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import numpy as np
