@@ -52,3 +52,12 @@ def test_convert_command_and_refusals(tmp_path, capsys):
     assert main(["convert", str(folder), str(tmp_path / "store.ckpt")]) == 2
     assert ".safetensors" in capsys.readouterr().err
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_convert_refuses_bad_arguments(tmp_path):
+    from pocketdiffusion.errors import CheckpointError
+    with pytest.raises(ValueError, match="dtype must be float16, bfloat16 or float32"):
+        convert(tmp_path, tmp_path / "s.safetensors", dtype=torch.int8)
+    with pytest.raises(CheckpointError, match="no such file or folder"):
+        convert(tmp_path / "missing.safetensors", tmp_path / "s.safetensors")
+    assert not list(tmp_path.iterdir())  # nothing half-written
