@@ -82,6 +82,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("generate", "edit", "inpaint", "outpaint"):
         from .cli_generate import run_generation
         return run_generation(args)
+    if args.command == "serve":
+        from .server.serve import serve
+        return serve(args)
     from .cli_info import convert_model, inspect_model, list_models, show_info
     if args.command == "models":
         return list_models(args)
@@ -184,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                                           "the checkpoints in ./models and $POCKETDIFFUSION_MODELS_DIR.")
     models.add_argument("--json", action="store_true",
                         help="print the list as JSON (default: one model per line)")
+
+    from .server.serve import add_serve_options  # the server's options live with the server
+    add_serve_options(_command(commands, "serve", "Serve the web editor and the HTTP API (AUTOMATIC1111-"
+                                                  "compatible and native jobs); needs the [server] extra."))
     return parser
 
 
