@@ -16,7 +16,7 @@ from PIL import Image
 
 import ckpt_fixtures as fx
 import pocketdiffusion
-from pocketdiffusion import cli
+from pocketdiffusion import catalog, cli
 from pocketdiffusion.cli import MODEL_ENV, build_parser, main
 from pocketdiffusion.cli_from import defaults_from_parameters
 from pocketdiffusion.pipelines import request as request_module
@@ -311,6 +311,8 @@ BAD_INPUT = {
 def test_bad_input_exits_2_with_one_line(case, capsys, files, sd1, monkeypatch):
     argv, expected = BAD_INPUT[case]
     names = {key: str(value) for key, value in files.items()} | {"sd1": sd1}
+    if case == "missing model":  # an installation without the embedded model (a source checkout before training)
+        monkeypatch.setattr(catalog, "ASSETS", files["missing"].parent / "no-assets")
     forbid_model_loading(monkeypatch)
     code, out, err = cli_run(capsys, *(a.format(**names) for a in argv))
     assert code == 2 and out == ""

@@ -248,3 +248,24 @@ def test_lr_schedule_and_budget():
     assert not Budget(0.0).exhausted(0) and Budget(0.0).exhausted(1)  # always at least one step
     with pytest.raises(ValueError):
         Budget(-1.0)
+
+
+def test_vae_edge_weights_mark_outlines_only():
+    """The extra loss weight sits on the pixels next to a colour step, nowhere else."""
+    from train.vae import edge_weights
+    image = -torch.ones(1, 3, 16, 16)
+    image[:, :, 4:12, 4:12] = 1.0  # a square
+    weights = edge_weights(image, 4.0)[0, 0]
+    outline = torch.zeros(16, 16, dtype=torch.bool)
+    outline[3:13, 3:13] = True
+    outline[5:11, 5:11] = False  # one pixel each side of the square's edge
+    assert torch.equal(weights == 5.0, outline) and torch.equal(weights == 1.0, ~outline)
+
+
+def test_shares_parse_and_bad_shares_are_refused(tmp_path, capsys):
+    assert run_all.parse_shares("vae=0.3,unet=0.55") == {"vae": 0.3, "unet": 0.55, "inpaint": 0.15}
+    for bad, message in (("gan=1", "unknown stage 'gan'"), ("vae=x", "expected a number"),
+                         ("vae=0", "a share must be positive")):
+        with pytest.raises(SystemExit):
+            run_all.parse_args(["--out", str(tmp_path), "--shares", bad])
+        assert message in capsys.readouterr().err

@@ -54,6 +54,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help=f"data worker processes (default: {DEFAULT_CUDA_WORKERS} on CUDA, "
                    "0 on the CPU)")
     p.add_argument("--size", type=int, default=128, help="training image side (the model is native 128)")
+    p.add_argument("--shares", type=parse_shares, default=dict(SHARES),
+                   help="stage shares of the training time, e.g. vae=0.3,unet=0.55,inpaint=0.15 "
+                        f"(default {','.join(f'{k}={v}' for k, v in SHARES.items())})")
+    p.add_argument("--vae-edge-weight", type=float, default=VAEHyper.edge_weight,
+                   help="extra loss weight of outline pixels in the VAE stage (0: plain L1 + MSE)")
     p.add_argument("--vae-batch", type=int, default=VAEHyper.batch_size)
     p.add_argument("--unet-batch", type=int, default=UNetHyper.batch_size)
     p.add_argument("--inpaint-batch", type=int, default=InpaintHyper.batch_size)
@@ -104,6 +109,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def parse_shares(text: str) -> dict[str, float]:
+    shares = dict(SHARES)
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name not in SHARES:
+            raise argparse.ArgumentTypeError(f"unknown stage {name!r} in --shares: expected {', '.join(SHARES)}")
+        try:
+            shares[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--shares {name}={value!r}: expected a number") from None
+        if shares[name] <= 0:
+            raise argparse.ArgumentTypeError(f"--shares {name}={value}: a share must be positive")
+    return shares
+
+
 def planned_stages(stop_after: str) -> list[str]:
     return list(STAGES[: STAGES.index(stop_after) + 1]) if stop_after in STAGES else list(STAGES)
 
@@ -116,9 +136,11 @@ def stage_finished(resume: Path | None, stage: str) -> bool:
 class Clock:
     """The command's deadline and each stage's share of what is left of it."""
 
-    def __init__(self, seconds: float, export_reserve: float, start: float | None = None):
+    def __init__(self, seconds: float, export_reserve: float, start: float | None = None,
+                 shares: dict[str, float] | None = None):
         self.start = time.monotonic() if start is None else start
         self.seconds, self.export_reserve = seconds, export_reserve
+        self.shares = dict(SHARES if shares is None else shares)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -132,7 +154,7 @@ class Clock:
         if stage not in to_train:
             return 0.0
         spare = self.left() - self.export_reserve - AFTER_STAGE_SECONDS * len(to_train)
-        return max(spare, 0.0) * SHARES[stage] / sum(SHARES[s] for s in to_train)
+        return max(spare, 0.0) * self.shares[stage] / sum(self.shares[s] for s in to_train)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -143,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"command: {command}\nseed: {args.seed}", flush=True)
     stages = planned_stages(args.stop_after)
     export = args.stop_after == "export"
-    clock = Clock(args.seconds, args.export_seconds if export else 0.0, started)
+    clock = Clock(args.seconds, args.export_seconds if export else 0.0, started, args.shares)
     workers = args.workers if args.workers is not None else (DEFAULT_CUDA_WORKERS if args.device.type == "cuda" else 0)
     settings = Settings(device=args.device, size=args.size, seed=args.seed, workers=workers,
                         log_every=args.log_every, max_steps=args.max_steps, ckpt_every_seconds=args.ckpt_every,
@@ -169,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         log["stages"][stage] = record
         _write_log(args.out, log, clock)
 
-    vae_hyper = replace(VAEHyper(), batch_size=args.vae_batch, latent_stat_images=args.latent_stat_images,
+    vae_hyper = replace(VAEHyper(), batch_size=args.vae_batch, edge_weight=args.vae_edge_weight, latent_stat_images=args.latent_stat_images,
                         eval_images=args.eval_images)
     vae = train_vae(settings, vae_hyper, clock.budget("vae", to_train), **stage_options("vae"))
     finish("vae", vae.record)

@@ -14,8 +14,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from pocketdiffusion.config import SHAPES
+from pocketdiffusion.data import shapes
+from pocketdiffusion.data.classify import score
 from pocketdiffusion.models.vae import AutoencoderKL
 
 from .common import (Budget, LRSchedule, SceneBatch, Settings, ShapesStream, autocast, fixed_batch,
@@ -23,6 +26,7 @@ from .common import (Budget, LRSchedule, SceneBatch, Settings, ShapesStream, aut
                      save_checkpoint, stage_payload, stage_record, stream_batches)
 
 STAGE_STREAM = 1        # data stream id of this stage (each stage draws different scenes)
+ROUNDTRIP_SEED = 777   # dataset seed offset of the round-trip check's pictures
 EVAL_STREAM = 900       # held-out batch for PSNR: never drawn by a training stream
 LATENT_STAT_STREAM = 901
 
@@ -35,8 +39,10 @@ class VAEHyper:
     mse_weight: float = 0.5
     kl_weight: float = 1e-6
     grad_clip: float | None = 1.0
+    edge_weight: float = 4.0         # extra weight of the pixels on outlines (see edge_weights)
     latent_stat_images: int = 2048   # images whose latents set the scaling factor
     eval_images: int = 64            # held-out images for the PSNR
+    roundtrip_images: int = 256      # held-out captioned pictures graded after a round trip
 
 
 @dataclass
@@ -47,12 +53,27 @@ class VAEOutcome:
     record: dict              # for train_log.json
 
 
+def edge_weights(images: torch.Tensor, extra: float) -> torch.Tensor:
+    """(B, 1, H, W): 1 + `extra` on the pixels within one pixel of an outline (where the 3x3
+    neighbourhood spans a colour step), else 1. Outlines are a few percent of the pixels, but the
+    shape of an object is all in them: with a plain per-pixel loss the autoencoder rounded small
+    stars into circles (the classifier read 86% of shapes right after a round trip)."""
+    span = F.max_pool2d(images, 3, 1, 1) + F.max_pool2d(-images, 3, 1, 1)  # local max - local min
+    outline = (span.amax(dim=1, keepdim=True) > 0.2).float()
+    return 1.0 + extra * outline
+
+
 def vae_loss(vae: AutoencoderKL, images: torch.Tensor, hyper: VAEHyper) -> torch.Tensor:
     mean, logvar = vae.encode(images)
     z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)  # a posterior sample
     recon = vae.decode(z).float()
     error = recon - images
-    reconstruction = error.abs().mean() + hyper.mse_weight * error.square().mean()
+    per_pixel = error.abs() + hyper.mse_weight * error.square()
+    if hyper.edge_weight:
+        weights = edge_weights(images.float(), hyper.edge_weight)
+        reconstruction = (per_pixel * weights).mean() / weights.mean()
+    else:
+        reconstruction = per_pixel.mean()
     mean, logvar = mean.float(), logvar.float()
     kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()  # KL(q(z|x) || N(0, I)) per element
     return reconstruction + hyper.kl_weight * kl
@@ -81,6 +102,17 @@ def reconstruction_psnr(vae: AutoencoderKL, images: torch.Tensor) -> float:
     recon = vae.decode(vae.encode(images)[0]).float().clamp(-1, 1)
     mse = ((recon - images) / 2).square().flatten(1).mean(dim=1)  # [-1, 1] -> [0, 1] scale
     return float((10 * torch.log10(1.0 / mse.clamp(min=1e-10))).mean())
+
+
+@torch.no_grad()
+def roundtrip_grades(vae: AutoencoderKL, settings: Settings, images: int) -> dict[str, float]:
+    """The classifier's accuracy (data/classify.py) on held-out captioned pictures after an
+    encode/decode round trip: the ceiling the UNet's prompt following can reach."""
+    pictures, captions, _ = shapes.dataset(images, seed=settings.seed + ROUNDTRIP_SEED, size=settings.size)
+    x = torch.from_numpy(pictures).to(settings.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    decoded = torch.cat([vae.decode(vae.encode(part)[0]).float() for part in x.split(64)])
+    decoded = ((decoded.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return score([shapes.parse_caption(c) for c in captions], list(decoded))
 
 
 def _pixels(batch: SceneBatch, settings: Settings) -> torch.Tensor:
@@ -137,8 +169,11 @@ def train_vae(settings: Settings, hyper: VAEHyper, seconds: float, *, checkpoint
     factor = float(f"{1.0 / std:.5g}")
     held_out = _pixels(fixed_batch(hyper.eval_images, settings.seed, EVAL_STREAM, settings), settings)
     psnr = reconstruction_psnr(vae, held_out)
-    metrics = {"scaling_factor": factor, "latent_mean": center, "latent_std": std, "psnr": psnr}
+    grades = roundtrip_grades(vae, settings, hyper.roundtrip_images)
+    metrics = {"scaling_factor": factor, "latent_mean": center, "latent_std": std, "psnr": psnr,
+               "roundtrip_shape": grades["shape"], "roundtrip_color": grades["color"]}
     save_checkpoint(checkpoint, stage_payload(vae, optimizer, state, **metrics))
     print(f"[vae] done: {state.step} steps, PSNR {psnr:.2f} dB on {hyper.eval_images} held-out images, "
-          f"latent mean {center:.4f} std {std:.4f} -> scaling_factor {factor}", flush=True)
+          f"latent mean {center:.4f} std {std:.4f} -> scaling_factor {factor}; after a round trip the "
+          f"classifier reads {grades['shape']:.1%} of shapes, {grades['color']:.1%} of colours", flush=True)
     return VAEOutcome(with_scaling_factor(vae, factor), factor, psnr, stage_record(state, **metrics))

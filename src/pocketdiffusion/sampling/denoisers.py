@@ -25,9 +25,13 @@ def _append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def _sigma_batch(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-    """Validate and broadcast sigma to (B,) on x's device."""
+    """Validate and broadcast sigma to (B,) on x's device. A Python number becomes a fill kernel on
+    the device: `torch.as_tensor(number, device="cuda")` would be a blocking host-to-device copy,
+    a sync per step that starves the GPU while the next UNet call is being launched."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
         raise TypeError(f"x must be a floating-point tensor (B, C, ...), got {_describe(x)}")
+    if isinstance(sigma, (int, float)) and not isinstance(sigma, bool):
+        return torch.full((x.shape[0],), float(sigma), device=x.device, dtype=torch.float32)
     sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
     if sigma.ndim == 0:
         sigma = sigma.expand(x.shape[0])
