@@ -29,6 +29,16 @@ EDITOR_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self'
 log = logging.getLogger("pocketdiffusion.server")
 
 
+class EditorFiles(StaticFiles):
+    """The editor's files with its security headers. (Not an `@app.middleware("http")`: that
+    kind wraps every request's `receive` and hides a client's disconnect from the routes.)"""
+
+    async def get_response(self, path, scope):
+        response = await super().get_response(path, scope)
+        response.headers.update(EDITOR_HEADERS)
+        return response
+
+
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     state = ServerState(settings)
@@ -65,14 +75,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     async def editor():
         return FileResponse(STATIC / "index.html", headers=EDITOR_HEADERS)
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    @app.middleware("http")
-    async def editor_headers(request: Request, call_next):
-        response = await call_next(request)
-        if request.url.path.startswith("/static/"):
-            response.headers.update(EDITOR_HEADERS)
-        return response
+    app.mount("/static", EditorFiles(directory=STATIC), name="static")
 
     if settings.cors_origins:  # closed unless the operator names the origins
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],

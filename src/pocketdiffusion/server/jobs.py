@@ -33,6 +33,7 @@ class Job:
         self.finished: float | None = None
         self.preview: Image.Image | None = None  # the latest step preview
         self.preview_step = 0
+        self.cancelled_at_step: int | None = None  # the step running when the cancel arrived
         self.result: Result | None = None
         self.error: str | None = None
         self.error_status = 0  # the HTTP status a synchronous caller answers with: 400 or 500
@@ -68,6 +69,8 @@ class Job:
     # ---- cancel: asked by any thread, honoured by the worker between two steps ----
 
     def cancel(self) -> None:
+        if not self._cancel.is_set():
+            self.cancelled_at_step = self.step
         self._cancel.set()
 
     @property

@@ -32,11 +32,13 @@ class JobView(BaseModel):
     progress: float
     eta: float | None = Field(description="seconds left, from the pace so far")
     model: str
+    prompt: str
     seeds: list[int]
     images: list[str] = Field(description="URLs of the result PNGs once done")
     infotexts: list[str] = Field(description="A1111 'parameters' text of each image")
     warnings: list[str]
     error: str | None
+    cancelled_at_step: int | None = Field(description="steps done when a cancel arrived (it stops after one more)")
 
 
 class JobResult(BaseModel):
@@ -71,10 +73,10 @@ def native_router(state: ServerState) -> APIRouter:
         result = job.result
         return {"id": job.id, "state": job.state, "position": queue.position(job), "step": job.step,
                 "total": job.total, "progress": job.progress(), "eta": job.eta(), "model": job.model,
-                "seeds": result.seeds if result else [],
+                "prompt": job.request.prompt, "seeds": result.seeds if result else [],
                 "images": [f"/api/v1/jobs/{job.id}/images/{i}" for i in range(len(result.images))] if result else [],
                 "infotexts": [format_parameters(p) for p in result.parameters] if result else [],
-                "warnings": job.warnings, "error": job.error}
+                "warnings": job.warnings, "error": job.error, "cancelled_at_step": job.cancelled_at_step}
 
     @router.post("/jobs", status_code=202, response_model=JobView, summary="Queue a generation")
     async def submit(body: JobRequest):
