@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from ..checkpoints import Components
+from ..config import VAEConfig
 from .base import decode_latents
 from .images import to_pil
 
@@ -25,8 +26,12 @@ class Previewer:
     def __init__(self, parts: Components):
         self.parts = parts
         family = parts.config.family
-        self.coefficients = CHEAP_RGB["sdxl" if family == "sdxl" else "sd"] if family in ("sd1", "sd2", "sdxl") \
-            else None
+        # The fit is of Stable Diffusion's VAE: a model of an SD family with its own small VAE
+        # (the embedded one is SD2-shaped) has other latents, and its VAE is cheap to run.
+        vae, sd_vae = parts.config.vae, VAEConfig()
+        stable_diffusion_vae = (vae.ch, vae.ch_mult) == (sd_vae.ch, sd_vae.ch_mult)
+        self.coefficients = CHEAP_RGB["sdxl" if family == "sdxl" else "sd"] \
+            if family in ("sd1", "sd2", "sdxl") and stable_diffusion_vae else None
 
     def __call__(self, denoised: torch.Tensor) -> list[Image.Image]:
         with torch.inference_mode():
