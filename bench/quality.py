@@ -3,7 +3,7 @@
 (data/classify.py). Prints the accuracy per attribute (colour, shape, background, position, size,
 relation).
 
-    python bench/quality.py [--model shapes] [--n 200] [--steps 20] [--cfg 7.5] [--sampler euler]
+    python bench/quality.py [--model shapes] [--n 200] [--steps 20] [--cfg 7.5] [--sampler euler] [--memory low]
 """
 from __future__ import annotations
 
@@ -34,13 +34,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=7.5)
     ap.add_argument("--sampler", default="euler")
+    ap.add_argument("--memory", default="balanced", help="memory mode (balanced, low, ...)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    pipe = pocketdiffusion.load(args.model, device="cpu")
+    pipe = pocketdiffusion.load(args.model, device="cpu", memory=args.memory)
     t0 = time.perf_counter()
     scores = evaluate(pipe, args.n, steps=args.steps, cfg=args.cfg, sampler=args.sampler)
     print(json.dumps({"model": args.model, "n": args.n, "steps": args.steps, "cfg": args.cfg,
-                      "sampler": args.sampler, "seconds": round(time.perf_counter() - t0, 1),
+                      "sampler": args.sampler, "memory": args.memory, "seconds": round(time.perf_counter() - t0, 1),
                       **{k: round(v, 4) for k, v in scores.items()}}))
 
 

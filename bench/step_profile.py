@@ -1,0 +1,94 @@
+"""Where a denoising step's time goes (SD1.5 architecture, random full-size weights, fp16,
+512x512, CFG batch 2): the UNet alone back to back, the UNet with a sync after every call, the
+host time to launch one UNet call, our pipeline's loop per step, and a profiler table of the
+loop's host-side calls (syncs and copies show up as cudaStreamSynchronize / cudaMemcpyAsync).
+
+    python bench/step_profile.py
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_models import build_reference, save_diffusers_folder  # noqa: E402
+
+import pocketdiffusion  # noqa: E402
+from pocketdiffusion.data.bpe import train_bpe, write_bpe  # noqa: E402
+
+PROMPT = "a photo of an astronaut riding a horse on the moon"
+
+
+def per_call_ms(fn, calls: int, sync_each: bool) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+        if sync_each:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t0) / calls
+
+
+def launch_ms(fn) -> float:
+    """Host time of one call issued onto an idle GPU (the queue never fills: pure launch cost)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return 1000 * (t1 - t0)
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        unet, vae, encoders = build_reference("sd15", "cuda")
+        save_diffusers_folder(Path(tmp), "sd15", unet, vae, encoders)
+        vocab, merges = train_bpe([PROMPT] * 4, 40)
+        write_bpe(vocab, merges, Path(tmp) / "tokenizer")
+        del unet, vae, encoders
+        torch.cuda.empty_cache()
+        pipe = pocketdiffusion.load(tmp, device="cuda")
+        unet = pipe.parts.unet
+        x = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.float16)
+        t = torch.tensor([500.0, 500.0], device="cuda")
+        ctx = torch.randn(2, 77, 768, device="cuda", dtype=torch.float16)
+        call = lambda: unet(x, t, ctx)  # noqa: E731
+        with torch.inference_mode():
+            back_to_back = per_call_ms(call, 30, sync_each=False)
+            synced = per_call_ms(call, 30, sync_each=True)
+            launches = sorted(launch_ms(call) for _ in range(10))
+        request = pocketdiffusion.GenerationRequest(prompt=PROMPT, steps=30, cfg=7.5, seed=0, width=512, height=512)
+        pipe.generate(PROMPT, steps=30, width=512, height=512)  # warm-up
+        times = []
+        run = pipe.run(request)
+        for step in run:
+            if step.index in (0, 29):
+                torch.cuda.synchronize()
+                times.append(time.perf_counter())
+        loop = 1000 * (times[1] - times[0]) / 29
+        print(f"UNet back to back {back_to_back:.2f} ms/call; synced each call {synced:.2f}; "
+              f"host launch of one call {launches[len(launches) // 2]:.2f} ms (median of 10); "
+              f"pipeline loop {loop:.2f} ms/step", flush=True)
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for step in pipe.run(request):
+                pass
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        print(table, flush=True)
+        names = {e.key: (e.count, e.self_cpu_time_total / 1000) for e in prof.key_averages()}
+        for key in ("cudaStreamSynchronize", "cudaMemcpyAsync", "cudaDeviceSynchronize", "aten::item",
+                    "aten::_local_scalar_dense", "aten::copy_", "aten::to", "aten::nonzero"):
+            if key in names:
+                print(f"{key}: {names[key][0]} calls, {names[key][1]:.1f} ms host", flush=True)
+
+
+if __name__ == "__main__":
+    main()
