@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from PIL import Image
 
 START_TIMEOUT = 120.0  # seconds: importing torch and loading the model on a loaded 2-core CI machine
@@ -62,6 +63,23 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
         self.log.unlink(missing_ok=True)
+
+
+def serving(*options: str):
+    """A module-scoped `server` fixture: `pocketdiffusion serve *options`, stopped after the module."""
+    @pytest.fixture(scope="module")
+    def server():
+        process = ServerProcess(*options)
+        yield process
+        process.stop()
+    return server
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """An HTTP client of the module's `server` (import it beside `server = serving(...)`)."""
+    with server.client() as client:
+        yield client
 
 
 def b64_png(image: Image.Image) -> str:

@@ -13,23 +13,12 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pocketdiffusion.pipelines.metadata import read_png_parameters
-from server_process import ServerProcess, b64_png, image_of
+from server_process import b64_png, client, image_of, serving  # noqa: F401 - client is a fixture
 
 FAST = {"steps": 3, "width": 64, "height": 64}
 LONG_STEPS = 150  # the server's default ceiling: many seconds at 64 px, time to interrupt
 
-
-@pytest.fixture(scope="module")
-def server():
-    process = ServerProcess()
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with server.client() as client:
-        yield client
+server = serving()
 
 
 def txt2img(client, **fields):

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pocketdiffusion.pipelines.metadata import read_png_parameters
-from server_process import ServerProcess
+from server_process import serving
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the Python package playwright is not installed")
 CHROMIUM = os.environ.get("POCKETDIFFUSION_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -34,11 +34,7 @@ BRUSH = 12  # the editor's default brush diameter, in picture pixels
 MASK_BLUR = 4  # the editor's default
 
 
-@pytest.fixture(scope="module")
-def server():
-    process = ServerProcess()
-    yield process
-    process.stop()
+server = serving()
 
 
 @pytest.fixture(scope="module")

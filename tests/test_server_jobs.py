@@ -14,23 +14,12 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pocketdiffusion.pipelines.metadata import read_png_parameters
-from server_process import ServerProcess, b64_png
+from server_process import b64_png, client, serving  # noqa: F401 - client is a fixture
 
 FAST = {"steps": 3, "width": 64, "height": 64}
 LONG = {"steps": 150, "width": 64, "height": 64}
 
-
-@pytest.fixture(scope="module")
-def server():
-    process = ServerProcess()
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with server.client() as client:
-        yield client
+server = serving()
 
 
 def submit(client, **fields) -> dict:

@@ -7,16 +7,12 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from server_process import ServerProcess
+from server_process import serving
 
 EXAMPLES = 25  # per operation: about 20 operations in well under a minute
 
 
-@pytest.fixture(scope="module")
-def server():
-    process = ServerProcess("--max-steps", "2", "--max-side", "64", "--max-images", "2", "--max-body-mb", "1")
-    yield process
-    process.stop()
+server = serving("--max-steps", "2", "--max-side", "64", "--max-images", "2", "--max-body-mb", "1")
 
 
 @pytest.fixture(scope="module")

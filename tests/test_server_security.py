@@ -10,16 +10,12 @@ from PIL import Image
 from pocketdiffusion.cli import build_parser
 from pocketdiffusion.server import create_app
 from pocketdiffusion.server.settings import ServerSettings
-from server_process import ServerProcess, b64_png
+from server_process import b64_png, serving
 
 KEY = "s3cret-key"
 
 
-@pytest.fixture(scope="module")
-def server():
-    process = ServerProcess("--api-key", KEY, "--max-body-mb", "1", "--max-side", "256")
-    yield process
-    process.stop()
+server = serving("--api-key", KEY, "--max-body-mb", "1", "--max-side", "256")
 
 
 @pytest.fixture(scope="module")
