@@ -69,10 +69,17 @@ class JobQueue:
         return job
 
     def _forget_old(self) -> None:
-        """Drop the oldest finished jobs beyond `keep_finished` (their images are memory)."""
-        finished = [job_id for job_id, job in self._jobs.items() if job.is_finished]
-        for job_id in finished[:max(0, len(finished) - self.settings.limits.keep_finished)]:
-            del self._jobs[job_id]
+        """Drop the oldest finished jobs beyond `keep_finished` jobs or `keep_pixels` result
+        pixels (their images are memory; a busy server must not grow without end)."""
+        limits = self.settings.limits
+        kept = pixels = 0
+        for job_id, job in reversed(list(self._jobs.items())):
+            if not job.is_finished:
+                continue
+            kept += 1
+            pixels += sum(w * h for w, h in (image.size for image in job.result.images)) if job.result else 0
+            if kept > limits.keep_finished or pixels > limits.keep_pixels:
+                del self._jobs[job_id]
 
     def take(self) -> Job | None:
         """The oldest waiting job (blocking), or None when the server stops."""

@@ -19,6 +19,7 @@ class Limits:
     max_images: int = 16  # batch_size x batch_count (A1111: batch_size x n_iter)
     max_queue: int = 64  # jobs waiting; one more is refused with 429 rather than queued forever
     keep_finished: int = 64  # finished jobs whose results stay fetchable (oldest dropped first)
+    keep_pixels: int = 64 * 1024 * 1024  # and at most this many result pixels among them (~200 MB)
 
 
 @dataclass
