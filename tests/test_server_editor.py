@@ -1,6 +1,7 @@
 """The web editor in a real headless Chromium (Playwright driving Debian's `chromium`): type a
 prompt, generate, brush a mask, inpaint, and check that the result changed only inside the
-mask; download it and read its metadata. A screenshot is kept in test-artifacts/."""
+mask; download it and read its metadata; outpaint by dragging an edge; restore parameters from
+a PNG. A screenshot is kept in test-artifacts/."""
 from __future__ import annotations
 
 import base64
@@ -116,6 +117,22 @@ def test_summon_then_inpaint_in_the_browser(page, tmp_path):
     inside = distance < BRUSH / 2 - 1
     assert np.abs(after[inside] - before[inside]).mean() > 20, "the masked stroke was not repainted"
 
+    # Outpainting: drag the right edge 32 picture pixels outward, then edit.
+    handle = page.locator(".handle[data-side=right]").bounding_box()
+    scale = box["width"] / before.shape[1]
+    x, y = handle["x"] + handle["width"] / 2, handle["y"] + handle["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + 32 * scale, y, steps=8)
+    page.mouse.up()
+    assert "right 32" in page.locator("#outpaint-info").inner_text()
+    page.click("#edit")
+    wait_for_results(page, 3)
+    wider = pixels(download(page))
+    assert wider.shape == (after.shape[0], after.shape[1] + 32, 3)
+    assert np.array_equal(wider[:, :after.shape[1] - 8], after[:, :-8])  # kept beyond the blended seam
+    assert page.locator("#outpaint-info").inner_text() == ""
+
     # A PNG opened (or dropped) brings back its parameters and its picture; undo takes it back.
     page.fill("#prompt", "something else")
     page.fill("#seed", "")
@@ -127,7 +144,7 @@ def test_summon_then_inpaint_in_the_browser(page, tmp_path):
     assert page.locator("#message").inner_text() == "parameters restored"
     assert np.array_equal(canvas_pixels(page), before)
     page.click("#undo")
-    assert np.array_equal(canvas_pixels(page), after)
+    assert np.array_equal(canvas_pixels(page), wider)
 
 
 def canvas_pixels(page) -> np.ndarray:
