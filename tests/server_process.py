@@ -66,7 +66,8 @@ class ServerProcess:
 
 
 def serving(*options: str):
-    """A module-scoped `server` fixture: `pocketdiffusion serve *options`, stopped after the module."""
+    """A module-scoped `server` fixture: `pocketdiffusion serve *options`, stopped after the
+    module. Use as `server = serving(...)`."""
     @pytest.fixture(scope="module")
     def server():
         process = ServerProcess(*options)
@@ -75,11 +76,13 @@ def serving(*options: str):
     return server
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    """An HTTP client of the module's `server` (import it beside `server = serving(...)`)."""
-    with server.client() as client:
-        yield client
+def http_client():
+    """A module-scoped `client` fixture: an HTTP client of the module's `server`."""
+    @pytest.fixture(scope="module")
+    def client(server):
+        with server.client() as http:
+            yield http
+    return client
 
 
 def b64_png(image: Image.Image) -> str:

@@ -13,12 +13,13 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pocketdiffusion.pipelines.metadata import read_png_parameters
-from server_process import b64_png, client, image_of, serving  # noqa: F401 - client is a fixture
+from server_process import b64_png, http_client, image_of, serving
 
 FAST = {"steps": 3, "width": 64, "height": 64}
 LONG_STEPS = 150  # the server's default ceiling: many seconds at 64 px, time to interrupt
 
 server = serving()
+client = http_client()
 
 
 def txt2img(client, **fields):

@@ -14,12 +14,13 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pocketdiffusion.pipelines.metadata import read_png_parameters
-from server_process import b64_png, client, serving  # noqa: F401 - client is a fixture
+from server_process import b64_png, http_client, serving
 
 FAST = {"steps": 3, "width": 64, "height": 64}
 LONG = {"steps": 150, "width": 64, "height": 64}
 
 server = serving()
+client = http_client()
 
 
 def submit(client, **fields) -> dict:
@@ -175,7 +176,7 @@ def test_the_server_reports_its_model_memory_plan_and_queue(client):
     server = client.get("/api/v1/server").json()
     assert server["model"] == "shapes" and "shapes-inpainting" in server["models"]
     (worker,) = server["workers"]
-    assert worker["model"] == "shapes" and worker["plan"]["mode"] == "balanced"
+    assert worker["model"] == "shapes" and worker["plan"]["mode"] == "balanced" and worker["device"] == "cpu"
     assert server["limits"]["max_steps"] == 150
 
 

@@ -39,7 +39,8 @@ class JobRequest(BaseModel):
     negative_prompt: str = ""
     steps: int = 30
     cfg: float = 7.5
-    sampler: str = Field("euler", description="ours ('dpmpp_2m') or A1111's ('DPM++ 2M Karras'); see /sdapi/v1/samplers")
+    sampler: str = Field("euler", description="ours ('dpmpp_2m') or A1111's ('DPM++ 2M Karras'); "
+                                              "see /sdapi/v1/samplers")
     seed: int | None = Field(0, description="null picks a random seed (reported in the result); image i uses seed + i")
     width: int | None = Field(None, description="a multiple of 8; null: the model's native size or the image's")
     height: int | None = None

@@ -7,7 +7,7 @@ import asyncio
 import json
 from typing import Any, AsyncIterator
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -127,7 +127,7 @@ def native_router(state: ServerState) -> APIRouter:
     @router.get("/server", summary="The server: version, models, devices and their memory plans, queue, limits")
     async def server() -> dict[str, Any]:
         return {"version": __version__, "model": state.current_model, "models": state.models.names(),
-                "workers": [{"device": str(w.device or "auto"), "model": w.model,
+                "workers": [{"device": _device(w), "model": w.model,
                              "plan": _plan(w.pipe), "job": w.job.id if w.job else None} for w in queue.workers],
                 "queue": {"waiting": queue.waiting(), "running": len(queue.running())},
                 "limits": vars(state.settings.limits)}
@@ -140,6 +140,13 @@ def _result_of(job: Job):
         raise RequestError(f"job {job.id} is {job.state}{': ' + job.error if job.error else ''}; "
                            "results exist once it is done", status=409)
     return job.result
+
+
+def _device(worker) -> str:
+    """The device a worker's model is on (what "auto" chose), else what it was asked for."""
+    if worker.pipe is not None:
+        return str(next(worker.pipe.parts.unet.parameters()).device)
+    return str(worker.device or "auto")
 
 
 def _plan(pipe) -> dict[str, Any] | None:

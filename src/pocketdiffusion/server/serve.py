@@ -22,7 +22,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     devices = [d.strip() for d in args.device.split(",")] if args.device else [None]
     if args.device and not all(devices):
         raise ValueError(f"--device {args.device!r}: expected devices separated by commas, e.g. cuda:0,cuda:1")
-    return ServerSettings(model=args.model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL, devices=devices, memory=args.memory,
+    return ServerSettings(model=args.model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL, devices=devices,
+                          memory=args.memory,
                           api_key=args.api_key or None, cors_origins=list(args.cors_origin or []),
                           host=args.host, limits=limits)
 
@@ -62,11 +63,13 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     defaults = Limits()
     parser.add_argument("--model", metavar="MODEL",
                         help="the model served first: a name from `pocketdiffusion models` or a path "
-                             "(default: $POCKETDIFFUSION_MODEL, else the embedded model 'shapes'); requests may pick any listed model by name")
+                             "(default: $POCKETDIFFUSION_MODEL, else the embedded model 'shapes'); requests may "
+                             "pick any listed model by name")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help=f"address to listen on (default: {DEFAULT_HOST}, this machine only; 0.0.0.0 "
                              "opens it to the network: use --api-key then)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0 picks a free one)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"port (default: {DEFAULT_PORT}; 0 picks a free one)")
     parser.add_argument("--device", metavar="DEVICES",
                         help="cpu, cuda, cuda:N or mps; several separated by commas run one worker each "
                              "(default: cuda when available, else cpu)")
