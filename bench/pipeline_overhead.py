@@ -69,6 +69,32 @@ def timed_runs(fn, repeats: int) -> list[float]:
     return times
 
 
+def measure_ours(pipe, args) -> dict:
+    gen = lambda: pipe.generate(PROMPT, NEGATIVE, steps=args.steps, cfg=7.5, sampler="euler", seed=0,  # noqa: E731
+                                width=512, height=512)
+    gen()  # warm-up (and, with graphs, the capture)
+    torch.cuda.reset_peak_memory_stats()
+    ours = timed_runs(gen, args.repeats)
+    peak = (torch.cuda.max_memory_reserved() / 2 ** 20, torch.cuda.max_memory_allocated() / 2 ** 20)
+    x = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.float16)
+    t = torch.tensor([500.0, 500.0], device="cuda")
+    ctx = torch.randn(2, 77, 768, device="cuda", dtype=torch.float16)
+    request = pocketdiffusion.GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, steps=args.steps,
+                                                cfg=7.5, sampler="euler", seed=0, width=512, height=512)
+    loops, pures = [], []
+    for _ in range(args.repeats):  # interleaved, so clock and thermal drift hit both alike
+        clock = StepClock()
+        for step in pipe.run(request):
+            clock.tick(step.index, args.steps - 1)
+        loops.append(clock.ms_per_step(args.steps))
+        with torch.inference_mode():  # the very call the pipeline makes (graphed or eager)
+            pures.append(pure_unet_ms(lambda: pipe.model_call(x, t, context=ctx), args.steps))
+    pure, loop = statistics.median(pures), statistics.median(loops)
+    return {"s_per_image": statistics.median(ours), "ms_per_step": 1000 * statistics.median(ours) / args.steps,
+            "loop_ms_per_step": loop, "unet_ms_per_call": pure, "overhead_pct": 100 * (loop - pure) / pure,
+            "max_reserved_mib": peak[0], "max_allocated_mib": peak[1]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30)
@@ -84,35 +110,13 @@ def main() -> None:
         del unet, vae, encoders
         torch.cuda.empty_cache()
 
-        # ---- ours ----
+        # ---- ours: eager, then the UNet replayed from CUDA graphs ----
         pipe = pocketdiffusion.load(tmp, device="cuda")
-        gen = lambda: pipe.generate(PROMPT, NEGATIVE, steps=args.steps, cfg=7.5, sampler="euler", seed=0,
-                                    width=512, height=512)
-        gen()  # warm-up
-        torch.cuda.reset_peak_memory_stats()
-        ours = timed_runs(gen, args.repeats)
-        peak = (torch.cuda.max_memory_reserved() / 2 ** 20, torch.cuda.max_memory_allocated() / 2 ** 20)
-        unet = pipe.parts.unet
-        x = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.float16)
-        t = torch.tensor([500.0, 500.0], device="cuda")
-        ctx = torch.randn(2, 77, 768, device="cuda", dtype=torch.float16)
-        request = pocketdiffusion.GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, steps=args.steps,
-                                                    cfg=7.5, sampler="euler", seed=0, width=512, height=512)
-        loops, pures = [], []
-        for _ in range(args.repeats):  # interleaved, so clock and thermal drift hit both alike
-            clock = StepClock()
-            for step in pipe.run(request):
-                clock.tick(step.index, args.steps - 1)
-            loops.append(clock.ms_per_step(args.steps))
-            with torch.inference_mode():
-                pures.append(pure_unet_ms(lambda: unet(x, t, ctx), args.steps))
-        pure, loop = statistics.median(pures), statistics.median(loops)
-        results["ours"] = {
-            "s_per_image": statistics.median(ours), "ms_per_step": 1000 * statistics.median(ours) / args.steps,
-            "loop_ms_per_step": loop, "unet_ms_per_call": pure, "overhead_pct": 100 * (loop - pure) / pure,
-            "max_reserved_mib": peak[0], "max_allocated_mib": peak[1]}
-        print("ours", json.dumps(results["ours"]), flush=True)
-        del pipe, unet, gen, step, clock
+        for name, graphs in (("ours", False), ("ours (CUDA graphs)", True)):
+            pipe.use_plan(pipe.plan.with_(cuda_graphs=graphs))
+            results[name] = measure_ours(pipe, args)
+            print(name, json.dumps(results[name]), flush=True)
+        del pipe
         torch.cuda.empty_cache()
 
         # ---- diffusers, same weights ----
@@ -131,6 +135,9 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         theirs = timed_runs(rgen, args.repeats)
         peak = (torch.cuda.max_memory_reserved() / 2 ** 20, torch.cuda.max_memory_allocated() / 2 ** 20)
+        x = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.float16)
+        t = torch.tensor([500.0, 500.0], device="cuda")
+        ctx = torch.randn(2, 77, 768, device="cuda", dtype=torch.float16)
         loops, pures = [], []
         for _ in range(args.repeats):
             clock = StepClock()
@@ -145,11 +152,11 @@ def main() -> None:
             "s_per_image": statistics.median(theirs), "ms_per_step": 1000 * statistics.median(theirs) / args.steps,
             "loop_ms_per_step": loop, "unet_ms_per_call": pure, "overhead_pct": 100 * (loop - pure) / pure,
             "max_reserved_mib": peak[0], "max_allocated_mib": peak[1]}
-    print(f"{'':10s} {'s/image':>8s} {'ms/step':>8s} {'loop ms/step':>13s} {'UNet ms/call':>13s} {'overhead %':>11s} "
+    print(f"{'':18s} {'s/image':>8s} {'ms/step':>8s} {'loop ms/step':>13s} {'UNet ms/call':>13s} {'overhead %':>11s} "
           f"{'reserved MiB':>13s} {'allocated MiB':>14s}")
-    for name in ("ours", "diffusers"):
+    for name in ("ours", "ours (CUDA graphs)", "diffusers"):
         r = results[name]
-        print(f"{name:10s} {r['s_per_image']:8.3f} {r['ms_per_step']:8.1f} {r['loop_ms_per_step']:13.2f} {r['unet_ms_per_call']:13.2f} "
+        print(f"{name:18s} {r['s_per_image']:8.3f} {r['ms_per_step']:8.1f} {r['loop_ms_per_step']:13.2f} {r['unet_ms_per_call']:13.2f} "
               f"{r['overhead_pct']:11.2f} {r['max_reserved_mib']:13.0f} {r['max_allocated_mib']:14.0f}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))

@@ -24,6 +24,7 @@ class MemoryPlan:
     mode: str = "balanced"
     weight_dtype: torch.dtype | None = None  # None: float16 on GPUs, float32 on the CPU
     quantize_unet: bool = False  # int8 weight-only (memory/quant.py)
+    cuda_graphs: bool = False  # replay the UNet call from CUDA graphs (speed/cuda_graphs.py; CUDA, resident weights)
     attention: str = "sdpa"  # "sdpa" or "chunked"
     attention_chunk: int = 1024  # query rows per chunk for "chunked"
     vae_tile_above: int | None = 1024 * 1024  # tile the VAE when an image has more pixels; None = never

@@ -82,13 +82,25 @@ def _unet_call(unet):
     return call
 
 
+def model_call(parts: Components, cuda_graphs: bool = False):
+    """The UNet as `model(x_in, t, **cond)`: eager, or replayed from CUDA graphs (the caller
+    keeps the object across runs, so that a graph is captured once per signature)."""
+    call = _unet_call(parts.unet)
+    if cuda_graphs:
+        from ..speed import GraphedModel
+        return GraphedModel(call)
+    return call
+
+
 def build_denoiser(parts: Components, request: GenerationRequest, conditioning: Conditioning, batch: int,
-                   width: int, height: int, spec: SamplerSpec, concat: torch.Tensor | None = None):
-    """eps/v denoiser + classifier-free guidance for a batch of `batch` images."""
+                   width: int, height: int, spec: SamplerSpec, concat: torch.Tensor | None = None,
+                   model_call=None):
+    """eps/v denoiser + classifier-free guidance for a batch of `batch` images. `model_call`:
+    the UNet call to use (`model_call()`'s result), the eager UNet by default."""
     unet = parts.unet
     device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
     wrapper = VDenoiser if parts.config.prediction == "v" else EpsDenoiser
-    model = wrapper(_unet_call(unet), scaled_linear_alphas_cumprod().to(device),
+    model = wrapper(model_call or _unet_call(unet), scaled_linear_alphas_cumprod().to(device),
                     quantize=spec.quantize_timesteps)
 
     def side(context: torch.Tensor, pooled: torch.Tensor | None) -> dict[str, Any]:
@@ -102,7 +114,7 @@ def build_denoiser(parts: Components, request: GenerationRequest, conditioning: 
 
     cond = side(conditioning.cond, conditioning.pooled_cond)
     if request.cfg == 1.0:
-        return lambda x, sigma: model(x, sigma, **cond)
+        return CFGDenoiser(model, cond, None, 1.0)  # no guidance: the conditional call alone
     uncond = side(conditioning.uncond, conditioning.pooled_uncond)
     same_length = cond["context"].shape[1] == uncond["context"].shape[1]
     # A1111 runs prompts of different chunk counts through the UNet in two passes; so do we.

@@ -15,7 +15,7 @@ from .. import __version__
 from ..checkpoints import Components
 from ..memory.plan import MemoryFallbackWarning, MemoryPlan, is_out_of_memory, lower_plan
 from ..sampling import SamplerStep, sampler_spec
-from .base import Schedule, build_denoiser, denoise, encode_images, encode_prompt, make_generators
+from .base import Schedule, build_denoiser, denoise, encode_images, encode_prompt, make_generators, model_call
 from .img2img import prepare_img2img, strength_start
 from .inpaint import prepare_inpaint
 from .outpaint import OUTPAINT_MASK_BLUR, extend_canvas
@@ -97,7 +97,7 @@ class Run:
             if concat is None and parts.config.is_inpainting:
                 concat = everything_masked_concat(setup)
             denoiser = build_denoiser(parts, request, conditioning, len(batch_seeds), self.width, self.height,
-                                      self.spec, concat=concat)
+                                      self.spec, concat=concat, model_call=pipe.model_call)
             if prepared.wrap is not None:
                 denoiser = prepared.wrap(denoiser)
         x, index = prepared.x, first_index
@@ -172,6 +172,13 @@ class Pipeline:
         self.plan = plan or MemoryPlan()
         self.previewer = Previewer(parts)
         self.schedule = Schedule.of(parts)
+        self.model_call = self._model_call()
+
+    def _model_call(self):
+        """The UNet call the denoisers use: from CUDA graphs when the plan asks and the UNet is on
+        CUDA (graphs are kept here, across runs), else eager."""
+        on_cuda = next(self.parts.unet.parameters()).device.type == "cuda"
+        return model_call(self.parts, cuda_graphs=self.plan.cuda_graphs and on_cuda)
 
     def use_plan(self, plan: MemoryPlan) -> None:
         """Switch to another memory plan in place (quantizing the UNet if it asks for int8)."""
@@ -179,6 +186,7 @@ class Pipeline:
             from ..memory.quant import quantize_
             quantize_(self.parts.unet)
         self.plan = plan
+        self.model_call = self._model_call()  # graphs of the old weights must not replay
         if next(self.parts.unet.parameters()).device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -71,6 +71,7 @@ class _Walk:
         if isinstance(generator, (list, tuple)) and len(generator) != x.shape[0]:
             raise ValueError(f"{name}: {len(generator)} generators for a batch of {x.shape[0]}: pass one per image")
         self.generator, self.denoiser, self.check_finite = generator, denoiser, bool(check_finite)
+        self.float_sigma = bool(getattr(denoiser, "takes_float_sigma", False))
         self._finite: list[torch.Tensor] = []  # per-step isfinite flags not yet read (see _check_finite)
         if needs_noise:
             self.require_generator()
@@ -84,6 +85,11 @@ class _Walk:
             )
 
     def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        # Our denoiser wrappers take the step's sigma as a Python float and work out its scalings
+        # and timestep on the host instead of in ~30 tiny GPU kernels per step (denoisers.py);
+        # any other denoiser gets k-diffusion's (B,) tensor.
+        if self.float_sigma:
+            return self.denoiser(x, float(sigma))
         return self.denoiser(x, torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float32))
 
     def noise(self, like: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,95 @@
+"""CUDA graphs around the model call: the eager SD UNet is host-bound on a fast GPU (launching
+one SD1.5 call at 512x512 takes the CPU ~19 ms while its kernels run ~13 ms, docs/BENCHMARKS.md),
+so every step waits on Python. A captured graph replays all of a call's ~1000 kernel launches
+with one host call, and the sampler's own host work then runs while the GPU computes.
+
+`GraphedModel(model)` is a drop-in for the sampling contract `model(x_in, t, **cond)`: the first
+call with a new signature (shapes and dtypes of every tensor argument, values of the others)
+warms the model up on a side stream (cuDNN autotuning, lazily built tables) and captures it;
+later calls copy their tensors into the graph's static inputs and replay. Graphs are kept per
+signature (a few, least recently used first out) in one shared memory pool, so a new
+resolution captures once and repeated generations reuse the graph, including new prompts:
+the conditioning tensors are inputs too, not constants baked into the graph.
+
+Requirements (the `fast` plan guarantees them): CUDA tensors, weights that stay where they are
+(no offloading or streaming: a graph holds raw device pointers), no host syncs inside the model.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+MAX_GRAPHS = 4        # signatures kept (a resolution and a CFG layout each); older ones are freed
+WARMUP_CALLS = 2      # eager calls before capture: cuDNN picks its algorithms, caches fill
+
+
+class _Captured:
+    """One graph: its static inputs (same structure as the call's arguments) and output."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[torch.Tensor], output: torch.Tensor):
+        self.graph, self.inputs, self.output = graph, inputs, output
+
+    def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        for static, value in zip(self.inputs, tensors):
+            static.copy_(value)
+        self.graph.replay()
+        # A copy: the caller may hold this output across the next replay (CFG run as two calls).
+        return self.output.clone()
+
+
+class GraphedModel:
+    """`model(x_in, t, **cond)` replayed from CUDA graphs, one per call signature."""
+
+    def __init__(self, model: Callable[..., torch.Tensor], max_graphs: int = MAX_GRAPHS):
+        if not callable(model):
+            raise TypeError(f"GraphedModel wraps a callable model(x_in, t, **cond), got {type(model).__name__}")
+        self.model = model
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        self._pool = None
+        self.captures = 0  # how many graphs were captured (a test and the benchmark read it)
+
+    def __call__(self, x_in: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        names = sorted(cond)
+        tensors = [x_in, t] + [cond[n] for n in names if isinstance(cond[n], torch.Tensor)]
+        if any(not v.is_cuda for v in tensors):
+            raise ValueError("GraphedModel needs CUDA tensors (CUDA graphs); got a tensor on "
+                             f"{next(v.device for v in tensors if not v.is_cuda)}: use the eager model there")
+        key = tuple((tuple(v.shape), v.dtype, v.device) for v in tensors) + tuple(
+            (n, None if isinstance(cond[n], torch.Tensor) else cond[n]) for n in names)
+        captured = self._graphs.get(key)
+        if captured is None:
+            captured = self._capture(x_in, t, cond, names)
+            self._graphs[key] = captured
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+        return captured(tensors)
+
+    def _capture(self, x_in: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], names: list[str]) -> _Captured:
+        # Static inputs: contiguous copies (an expanded context becomes a real buffer once).
+        static = {"x_in": x_in.clone(memory_format=torch.contiguous_format), "t": t.clone()}
+        static_cond = {n: cond[n].clone(memory_format=torch.contiguous_format)
+                       if isinstance(cond[n], torch.Tensor) else cond[n] for n in names}
+
+        def call() -> torch.Tensor:
+            return self.model(static["x_in"], static["t"], **static_cond)
+
+        side = torch.cuda.Stream(device=x_in.device)
+        side.wait_stream(torch.cuda.current_stream(x_in.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_CALLS):
+                call()
+        torch.cuda.current_stream(x_in.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = call()
+        self.captures += 1
+        inputs = [static["x_in"], static["t"]] + [static_cond[n] for n in names if isinstance(static_cond[n], torch.Tensor)]
+        return _Captured(graph, inputs, output)

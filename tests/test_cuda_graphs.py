@@ -1,0 +1,70 @@
+"""CUDA graphs around the UNet call (speed/cuda_graphs.py). The replay tests need a GPU (they run
+on the device machine: `python3 -m pytest -q tests/test_cuda_graphs.py`); on the CPU only the
+refusal is checked, and that the plan never graphs a CPU UNet."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ckpt_fixtures as fx
+import pocketdiffusion
+from pocketdiffusion.speed import GraphedModel
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+
+
+def test_a_cpu_call_is_refused_with_a_clear_message():
+    graphed = GraphedModel(lambda x, t, **cond: x)
+    with pytest.raises(ValueError, match="GraphedModel needs CUDA tensors"):
+        graphed(torch.zeros(1, 4, 8, 8), torch.zeros(1))
+    with pytest.raises(TypeError, match="wraps a callable"):
+        GraphedModel(42)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd1(tmp_path_factory):
+    config = fx.tiny_config("sd1")
+    return str(fx.write_diffusers_folder(tmp_path_factory.mktemp("models") / "tiny_sd1", config,
+                                         fx.diffusers_models(config, seed=1)))
+
+
+def test_the_plan_never_graphs_a_cpu_unet(tiny_sd1):
+    pipe = pocketdiffusion.load(tiny_sd1, device="cpu")
+    pipe.use_plan(pipe.plan.with_(cuda_graphs=True))
+    assert not isinstance(pipe.model_call, GraphedModel)
+    assert len(pipe.generate("a cat", steps=2, width=64, height=64)) == 1
+
+
+@cuda
+def test_replay_equals_the_eager_call_and_takes_new_inputs():
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 1)).cuda()
+
+    def model(x, t, *, context):
+        return layer(x) * t[:, None, None, None] + context.mean()
+
+    graphed = GraphedModel(model)
+    with torch.inference_mode():
+        for seed in range(3):  # new values each call: inputs are copied in, not baked in
+            g = torch.Generator("cuda").manual_seed(seed)
+            x = torch.randn(2, 4, 16, 16, device="cuda", generator=g)
+            t = torch.rand(2, device="cuda", generator=g)
+            ctx = torch.randn(2, 5, 8, device="cuda", generator=g)
+            assert torch.equal(graphed(x, t, context=ctx), model(x, t, context=ctx))
+        assert graphed.captures == 1
+        graphed(torch.randn(1, 4, 32, 32, device="cuda"), torch.rand(1, device="cuda"), context=ctx[:1])
+        assert graphed.captures == 2  # a new signature captures once more
+
+
+@cuda
+def test_a_graphed_pipeline_gives_the_eager_pictures_and_captures_once(tiny_sd1):
+    pipe = pocketdiffusion.load(tiny_sd1, device="cuda")
+    settings = {"steps": 4, "width": 64, "height": 64, "cfg": 5.0}
+    eager = [np.asarray(pipe.generate(p, seed=s, **settings)[0], np.int16) for p, s in (("a cat", 1), ("a dog", 2))]
+    pipe.use_plan(pipe.plan.with_(cuda_graphs=True))
+    assert isinstance(pipe.model_call, GraphedModel)
+    graphed = [np.asarray(pipe.generate(p, seed=s, **settings)[0], np.int16) for p, s in (("a cat", 1), ("a dog", 2))]
+    for a, b in zip(eager, graphed):
+        assert np.abs(a - b).max() <= 1
+    assert pipe.model_call.captures == 1  # the second prompt reused the first one's graph
