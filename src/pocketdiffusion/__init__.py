@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-MEMORY_MODES = ("balanced", "low")  # memory/plan.py MODES
+MEMORY_MODES = ("balanced", "low", "minimal")  # memory/plan.py MODES
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +27,9 @@ def load(path: str | os.PathLike = "shapes", device: "str | torch.device | None"
 
     `device`: "cuda", "cpu", "mps" or None (CUDA when available, else CPU). `memory`: the memory
     mode (memory/plan.py): "balanced" (fp16 weights on GPUs, fp32 on the CPU) or "low" (as
-    balanced, with the UNet's weights int8, dequantized per layer on use). `dtype` overrides the weight
+    balanced, with the UNet's weights int8, dequantized per layer on use) or "minimal" (the weights
+    streamed block by block from the file, or from pinned memory on CUDA; the VAE always tiled;
+    `pocketdiffusion plan MODEL` says which fits a budget). `dtype` overrides the weight
     precision; `prediction` ("eps"/"v") overrides what the files say. A missing or unreadable
     model raises `CheckpointError` (a ValueError) naming the path and what was wrong.
     """
@@ -46,8 +48,15 @@ def load(path: str | os.PathLike = "shapes", device: "str | torch.device | None"
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = resolve(path)
     plan = plan_for(memory, device)
+    if torch.device(device).type == "cpu":
+        from .memory.cpu_heap import return_freed_memory_to_os
+        return_freed_memory_to_os()  # freed activations leave the process at once: a lower, predictable peak
+    streaming = None
+    if plan.stream_weights:
+        from .memory.streaming import BlockStreaming
+        streaming = BlockStreaming(device)
     parts = load_components(model.path, device=device, dtype=dtype or plan.weight_dtype, prediction=prediction,
-                            unet_subfolder=model.unet_subfolder, ops=ops_for(plan))
+                            unet_subfolder=model.unet_subfolder, ops=ops_for(plan), streaming=streaming)
     if plan.quantize_unet:
         from .memory.quant import quantize_
         quantize_(parts.unet)

@@ -181,6 +181,12 @@ class ShardedSource(TensorSource):
     ) -> torch.Tensor:
         return self._shard(key).get(key, dtype=dtype, device=device)
 
+    def prefetch(self, key: str) -> None:
+        self._shard(key).prefetch(key)
+
+    def release(self, key: str) -> None:
+        self._shard(key).release(key)
+
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()

@@ -62,6 +62,13 @@ class TensorSource(abc.ABC):
     def close(self) -> None:
         """Release the file. Tensors already returned stay valid."""
 
+    def prefetch(self, key: str) -> None:
+        """Hint that `key` is read soon (weight streaming); a no-op where the format can't tell."""
+
+    def release(self, key: str) -> None:
+        """Weight streaming is done with `key` for now: drop its file pages from this process.
+        Only call it once every tensor `get(key)` returned is gone. A no-op by default."""
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """``{key: shape}`` for every tensor, in file order (what `detect` needs)."""
         return {key: self.shape(key) for key in self.keys()}

@@ -122,6 +122,25 @@ class SafetensorsSource(TensorSource):
         self._drop_pages(entry, key)
         return converted
 
+    def prefetch(self, key: str) -> None:
+        """Ask the kernel to read `key`'s pages ahead (MADV_WILLNEED): into the page cache, not
+        into this process's RSS, so a streamed block's weights are on their way while the block
+        before it runs."""
+        entry = self._entry(key)
+        if self._mmap is None or entry.begin == entry.end or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        start = entry.begin // mmap.PAGESIZE * mmap.PAGESIZE
+        self._mmap.madvise(mmap.MADV_WILLNEED, start, entry.end - start)
+
+    def release(self, key: str) -> None:
+        """Drop `key`'s pages from this process even if they were handed out as a zero-copy view:
+        the streaming caller promises the views are gone (and weights are never written), so
+        nothing of value is dropped; the next `get` faults them back in from the page cache."""
+        if self._mmap is None:
+            return
+        self._viewed_keys.discard(key)
+        self._drop_pages(self._entry(key), key)
+
     def close(self) -> None:
         if self._mmap is None:
             return

@@ -35,6 +35,7 @@ from .keymaps import UNET, VAE, Mapped, UnexpectedKey, discard_reason, map_hf_cl
     meta_like, text_encoder
 from .keymaps_diffusers import diffusers_discard_reason, map_diffusers_unet_key, map_diffusers_vae_key
 from .store import identity_key, is_store, no_discard, store_config
+from .stream import StreamedWeights, Streaming
 
 MAX_LISTED = 10  # problems listed per kind in one error
 DIFFUSERS_TEXT_FOLDERS = ("text_encoder", "text_encoder_2")
@@ -83,7 +84,7 @@ class Components:
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
          *, prediction: str | None = None, config: ModelConfig | None = None, ops: Ops = DEFAULT_OPS,
-         unet_subfolder: str = "unet") -> Components:
+         unet_subfolder: str = "unet", streaming: Streaming | None = None) -> Components:
     """Load a Stable Diffusion 1.x / 2.x / XL model (base or inpainting).
 
     `path`: a single `.safetensors` / `.ckpt` file in the LDM layout (what A1111, ComfyUI and
@@ -94,6 +95,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     layer family the models are built from (its layers must keep torch's parameter names).
     `unet_subfolder` picks another UNet of a diffusers folder (the embedded model keeps its
     inpainting UNet in `unet_inpaint/` beside the shared text encoder and VAE).
+    `streaming` (the "minimal" memory mode, memory/streaming.py) leaves the weights it claims
+    in their files, read when their block runs (checkpoints/stream.py).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or Path to a model file or folder, got {type(path).__name__}")
@@ -109,6 +112,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
 
     given_config = config is not None
     sources: list[WeightSource] = []
+    streamed = StreamedWeights(dtype) if streaming is not None else None
+    installed = False
     try:
         probe = False
         if path.is_dir():
@@ -127,10 +132,16 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
         _check_plan(sources, slots, f"the {config.family} architecture "
                     f"{'given as config' if given_config else 'detected from its shapes'}")
         for source in sources:
-            _load_source(source, slots, device, dtype)
+            _load_source(source, slots, device, dtype, streaming, streamed)
+        if streamed is not None:
+            _put_placeholders(streamed, slots, device, dtype)
+            _check_all_materialized(models)
+            streaming.install(models, streamed)  # before the eps/v probe below runs the UNet
+            installed = True
     finally:
-        for source in sources:
-            source.tensors.close()
+        for source in sources:  # a streamed model's files stay open: its weights are read from them
+            if not (installed and streamed.uses(source)):
+                source.tensors.close()
     _check_all_materialized(models)
 
     unet = models[UNET]
@@ -138,6 +149,22 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
         config = with_prediction(config, "v" if probe_v_prediction(unet) else "eps")
     return Components(config=config, text_encoders=[models[text_encoder(i)] for i in range(len(config.text_encoders))],
                       unet=unet, vae=models[VAE], source=str(path))
+
+
+def read_config(path: str | os.PathLike, unet_subfolder: str = "unet") -> ModelConfig:
+    """The ModelConfig of a model, from its tensor shapes and config files, reading no weight
+    (for the planner). An SD2 single file that does not say eps or v is reported as detected."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    sources: list[WeightSource] = []
+    try:
+        if path.is_dir():
+            return _open_diffusers(path, sources, None, None, unet_subfolder)
+        return _open_single_file(path, sources, None, None)
+    finally:
+        for source in sources:
+            source.tensors.close()
 
 
 # ---- sources ------------------------------------------------------------------------------------
@@ -320,20 +347,46 @@ def _check_plan(sources: list[WeightSource], slots: dict[str, Slot], architectur
 
 # ---- reading ------------------------------------------------------------------------------------
 
-def _load_source(source: WeightSource, slots: dict[str, Slot], device: torch.device, dtype: torch.dtype) -> None:
-    """Read, map, convert and place the source's tensors one at a time."""
+def _load_source(source: WeightSource, slots: dict[str, Slot], device: torch.device, dtype: torch.dtype,
+                 streaming: Streaming | None = None, streamed: StreamedWeights | None = None) -> None:
+    """Read, map, convert and place the source's tensors one at a time (those `streaming`
+    claims are only recorded in `streamed`)."""
     for key in source.tensors.keys():
         if source.discard(key) is not None:
             continue
+        skip: set[str] = set()
+        if streaming is not None:
+            targets = [t for t, _ in source.mapper(key, meta_like(source.tensors.shape(key),
+                                                                  source.tensors.dtype(key)))]
+            skip = {t for t in targets if streaming.streams(t)}
+            streamed.add(source, key, skip)
+            if len(skip) == len(targets):
+                continue
         floating = source.tensors.dtype(key).is_floating_point
         tensor = source.tensors.get(key, dtype=dtype if floating else None, device=device)
         for target, value in source.mapper(key, tensor):
+            if target in skip:
+                continue
             slot = slots[target]
             if slot.is_parameter:
                 slot.module._parameters[slot.name] = nn.Parameter(value, requires_grad=False)
             else:
                 slot.module._buffers[slot.name] = value
         del tensor
+
+
+def _put_placeholders(streamed: StreamedWeights, slots: dict[str, Slot], device: torch.device,
+                      dtype: torch.dtype) -> None:
+    """An empty tensor of the run dtype and device in each streamed slot: `next(parameters())`
+    still tells where and in which precision the model runs, and a layer used outside its
+    streamed block fails loudly (an empty weight) instead of computing with stale values."""
+    placeholder = torch.empty(0, dtype=dtype, device=device)
+    for target in streamed.targets:
+        slot = slots[target]
+        if slot.is_parameter:
+            slot.module._parameters[slot.name] = nn.Parameter(placeholder, requires_grad=False)
+        else:
+            slot.module._buffers[slot.name] = placeholder
 
 
 def _check_all_materialized(models: dict[str, nn.Module]) -> None:

@@ -9,6 +9,10 @@ Modes (`pocketdiffusion.load(memory=...)`):
   with in-place softmax on MPS; the VAE tiled above `vae_tile_above` pixels.
 - "low": as balanced, with int8 weight-only per-output-channel quantization of the UNet's
   linears and convolutions, dequantized per layer on use.
+- "minimal": the weights streamed block by block (memory/streaming.py: from the mapped file on
+  the CPU, from pinned CPU memory with a prefetching side stream on CUDA) and the VAE always tiled.
+
+Modes are listed fastest first; `memory/planner.py` picks the fastest that fits a budget.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-MODES = ("balanced", "low")
+MODES = ("balanced", "low", "minimal")
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,7 @@ class MemoryPlan:
     mode: str = "balanced"
     weight_dtype: torch.dtype | None = None  # None: float16 on GPUs, float32 on the CPU
     quantize_unet: bool = False  # int8 weight-only (memory/quant.py)
+    stream_weights: bool = False  # block by block from the file / pinned memory (memory/streaming.py)
     cuda_graphs: bool = False  # replay the UNet call from CUDA graphs (speed/cuda_graphs.py; CUDA, resident weights)
     attention: str = "sdpa"  # "sdpa" or "chunked"
     attention_chunk: int = 1024  # query rows per chunk for "chunked"
@@ -41,6 +46,11 @@ def plan_for(mode: str, device: torch.device | str) -> MemoryPlan:
         raise ValueError(f"memory={mode!r}: expected one of {MODES}")
     device = torch.device(device)
     attention = "chunked" if device.type == "mps" else "sdpa"
+    if mode == "minimal":
+        # Smaller tiles than the other modes' (256 pixels): one tile's decoder activations are
+        # then about a sixth of a whole 512x512 decode's, in line with one streamed block.
+        return MemoryPlan(mode=mode, attention=attention, stream_weights=True, vae_tile_above=0,
+                          vae_tile=32, vae_tile_overlap=8)
     return MemoryPlan(mode=mode, attention=attention, quantize_unet=mode == "low")
 
 
@@ -63,7 +73,10 @@ class MemoryFallbackWarning(UserWarning):
 
 def lower_plan(plan: MemoryPlan) -> MemoryPlan | None:
     """The next plan down after an out-of-memory: int8 UNet weights, then the VAE tiled at every
-    size; None when there is nothing lower left to try."""
+    size; None when there is nothing lower left to try. (A streamed plan is the lowest there is:
+    its int8 counterpart would hold the whole UNet resident.)"""
+    if plan.stream_weights:
+        return plan.with_(vae_tile_above=0) if plan.vae_tile_above != 0 else None
     if not plan.quantize_unet:
         return plan.with_(mode="low", quantize_unet=True)
     if plan.vae_tile_above != 0:

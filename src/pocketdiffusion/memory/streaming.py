@@ -1,0 +1,219 @@
+"""Weight streaming, block by block: the "minimal" memory mode (DESIGN.md, Memory).
+
+The big weights stay out of the models. Each *group* (a UNet ResBlock, SpatialTransformer or
+resampler; a CLIP layer; a VAE ResnetBlock, attention or resampler) gets its weights just before
+it runs and gives them back just after (a transformer block's group nests in its
+transformer's), so only one group's weights (two on CUDA: the next one is
+on its way) are live at a time. The small layers around them (the UNet's time embedding and
+output, CLIP's embeddings and final norm, the VAE's in/out convs) stay resident: they are few
+bytes, and `next(model.parameters())` (how the pipelines find a model's device and dtype) must
+stay a real resident tensor.
+
+Where a group's weights come from (a *transport*):
+- CPU, `MmapTransport`: the memory-mapped weight file itself. A weight stored in the run dtype is
+  a zero-copy view of the file; after the group its pages are dropped from the process
+  (MADV_DONTNEED) and come back from the page cache next time; the next group's pages are read
+  ahead (MADV_WILLNEED) while the current one runs.
+- CUDA, `HostTransport`: pinned CPU memory filled once at load. While group n runs, a side
+  stream copies group n+1 to the GPU; the compute stream waits on that copy's event only when
+  group n+1 starts (diffusers' hooks/group_offloading.py with `use_stream=True`, per block).
+
+Which group comes next is learned, not assumed: the streamer records, within one call of a root
+model, which group followed which, and prefetches that successor from the next call on. A wrong
+guess (clip skip stops the text encoder early, a VAE runs another tile size) costs only the
+wasted prefetch: a group that was not prefetched is fetched on the spot. Results never depend on
+the schedule, only on the values, which are read by the same code as a resident load.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoints.stream import StreamedWeights
+
+# A streamed weight's group: the prefix of its target name that names the group's module.
+# The most specific rule first: a SpatialTransformer's blocks are groups of their own (SDXL's
+# deepest ones hold 10), nested in the group of the transformer's norm and projections.
+GROUP_RULES = (
+    re.compile(r"^unet\.(input_blocks\.\d+\.\d+|middle_block\.\d+|output_blocks\.\d+\.\d+)\.transformer_blocks\.\d+\."),
+    re.compile(r"^unet\.(input_blocks\.\d+\.\d+|middle_block\.\d+|output_blocks\.\d+\.\d+)\."),
+    re.compile(r"^text_encoders\.\d+\.text_model\.encoder\.layers\.\d+\."),
+    re.compile(r"^vae\.(encoder|decoder)\.((down|up)\.\d+\.(block\.\d+|downsample|upsample)|mid\.\w+)\."),
+)
+# The modules whose one call is one pass over their groups (and so one learned order).
+ROOTS = ("unet", "text_encoders.*", "vae.encoder", "vae.decoder")
+
+
+def stream_group(target: str) -> str | None:
+    """The group of a weight ("unet.input_blocks.1.0.in_layers.2.weight" -> "unet.input_blocks.1.0"),
+    or None for a weight that stays resident."""
+    for rule in GROUP_RULES:
+        match = rule.match(target)
+        if match:
+            return match.group(0)[:-1]
+    return None
+
+
+@dataclass
+class Group:
+    """One streamed module and the weights it needs while it runs."""
+
+    name: str
+    slots: list[tuple[nn.Module, str, str]] = field(default_factory=list)  # (owner, attribute, target)
+    placeholder: dict[str, torch.Tensor] = field(default_factory=dict)  # target -> its empty stand-in
+
+    @property
+    def targets(self) -> list[str]:
+        return [target for _, _, target in self.slots]
+
+    def put(self, tensors: dict[str, torch.Tensor]) -> None:
+        for owner, attribute, target in self.slots:
+            owner._parameters[attribute] = nn.Parameter(tensors[target], requires_grad=False)
+
+    def clear(self) -> None:
+        for owner, attribute, target in self.slots:
+            owner._parameters[attribute] = self.placeholder[target]
+
+
+class MmapTransport:
+    """CPU: a group's weights are read from the mapped file when it starts, dropped when it ends."""
+
+    def __init__(self, weights: StreamedWeights):
+        self.weights = weights
+
+    def start(self, group: Group) -> None:
+        self.weights.prefetch(group.targets)  # a hint: the pages go to the page cache, not to RSS
+
+    def finish(self, group: Group, handle: Any) -> dict[str, torch.Tensor]:
+        return self.weights.read(group.targets)
+
+    def release(self, group: Group) -> None:
+        self.weights.release(group.targets)
+
+
+class HostTransport:
+    """A group's weights are copied from CPU memory (pinned, on CUDA) to the device when it runs.
+
+    On CUDA the copy runs on a side stream: `start` enqueues it and records an event, `finish`
+    makes the compute stream wait for that event and marks the tensors as used by the compute
+    stream (`record_stream`), so the caching allocator never hands their memory to a later copy
+    while a kernel may still read them. Elsewhere (the CPU, tests) it copies synchronously."""
+
+    def __init__(self, host: dict[str, torch.Tensor], device: torch.device):
+        self.host, self.device = host, device
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def start(self, group: Group) -> tuple[dict[str, torch.Tensor], Any]:
+        if self.copy_stream is None:
+            return {t: self.host[t].to(self.device, copy=True) for t in group.targets}, None
+        with torch.cuda.stream(self.copy_stream):
+            tensors = {t: self.host[t].to(self.device, non_blocking=True) for t in group.targets}
+            copied = torch.cuda.Event()
+            copied.record(self.copy_stream)
+        return tensors, copied
+
+    def finish(self, group: Group, handle: Any) -> dict[str, torch.Tensor]:
+        tensors, copied = handle if handle is not None else self.start(group)
+        if copied is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(copied)
+            for tensor in tensors.values():
+                tensor.record_stream(compute)
+        return tensors
+
+    def release(self, group: Group) -> None:
+        pass  # the device copies are freed with their last reference (Group.clear drops it)
+
+
+class Streamer:
+    """Forward hooks that fetch each group's weights before it runs and drop them after, and
+    prefetch the group that followed it last time."""
+
+    def __init__(self, groups: dict[str, Group], roots: list[nn.Module], modules: dict[str, nn.Module],
+                 transport: MmapTransport | HostTransport):
+        self.groups, self.transport = groups, transport
+        self.successor: dict[str, str] = {}
+        self.previous: str | None = None
+        self.loaded: set[str] = set()
+        self.pending: dict[str, Any] = {}  # group name -> the transport's handle of its prefetch
+        self.fetched: list[str] = []  # every group fetched, in order (for tests and the planner)
+        for name, group in groups.items():
+            module = modules[name]
+            module.register_forward_pre_hook(lambda _m, _a, group=group: self._enter(group))
+            module.register_forward_hook(lambda _m, _a, _o, group=group: self._exit(group))
+        for root in roots:
+            # A pass starts and ends clean: nothing loaded or in flight is carried over (nor is what
+            # an exception in the middle of the last pass left behind).
+            root.register_forward_pre_hook(lambda _m, _a: self.reset())
+            root.register_forward_hook(lambda _m, _a, _o: self.reset())
+
+    def _enter(self, group: Group) -> None:
+        if self.previous is not None and self.previous != group.name:
+            self.successor[self.previous] = group.name
+        self.previous = group.name
+        if group.name not in self.loaded:
+            handle = self.pending.pop(group.name, None)
+            group.put(self.transport.finish(group, handle))
+            self.loaded.add(group.name)
+            self.fetched.append(group.name)
+        following = self.successor.get(group.name)
+        if following is not None and following not in self.loaded and following not in self.pending:
+            self.pending[following] = self.transport.start(self.groups[following])
+
+    def _exit(self, group: Group) -> None:
+        group.clear()  # drops the last reference to the group's weights
+        self.loaded.discard(group.name)
+        self.transport.release(group)
+
+    def reset(self) -> None:
+        for name in list(self.loaded):
+            self._exit(self.groups[name])
+        self.pending.clear()
+        self.previous = None
+
+
+class BlockStreaming:
+    """The "minimal" mode's policy for `checkpoints.load(..., streaming=...)`: which weights
+    stream (`stream_group`) and, once loaded, the hooks and transport for `device`."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.streamer: Streamer | None = None
+
+    def streams(self, target: str) -> bool:
+        return stream_group(target) is not None
+
+    def install(self, models: dict[str, nn.Module], weights: StreamedWeights) -> None:
+        modules = {f"{component}.{name}" if name else component: module
+                   for component, model in models.items() for name, module in model.named_modules()}
+        groups: dict[str, Group] = {}
+        for target in weights.targets:
+            name = stream_group(target)
+            owner_name, _, attribute = target.rpartition(".")
+            owner = modules[owner_name]
+            group = groups.setdefault(name, Group(name))
+            group.slots.append((owner, attribute, target))
+            group.placeholder[target] = owner._parameters[attribute]
+        roots = [module for name, module in modules.items()
+                 if any(re.fullmatch(pattern.replace(".", r"\.").replace("*", r"\d+"), name) for pattern in ROOTS)]
+        if self.device.type == "cpu":
+            transport: MmapTransport | HostTransport = MmapTransport(weights)
+        else:
+            transport = HostTransport(_host_copy(weights, groups, pin=self.device.type == "cuda"), self.device)
+        self.streamer = Streamer(groups, roots, modules, transport)
+
+
+def _host_copy(weights: StreamedWeights, groups: dict[str, Group], pin: bool) -> dict[str, torch.Tensor]:
+    """Every streamed weight in (pinned) CPU memory, read group by group so that the file's pages
+    never pile up; the files are closed after."""
+    host = {}
+    for group in groups.values():
+        for target, tensor in weights.read(group.targets).items():
+            host[target] = tensor.pin_memory() if pin else tensor.clone()
+        weights.release(group.targets)
+    weights.close()
+    return host
