@@ -380,7 +380,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 
 def test_every_subcommand_help_explains_every_option_with_its_default(capsys):
     commands = _subcommands(build_parser())
-    assert set(commands) == {"generate", "edit", "inpaint", "outpaint", "info", "inspect", "models", "convert",
+    assert set(commands) == {"generate", "edit", "inpaint", "outpaint", "info", "inspect", "models", "convert", "plan",
                              "serve"}
     for name, parser in commands.items():
         assert main([name, "--help"]) == 0

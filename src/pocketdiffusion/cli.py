@@ -46,6 +46,7 @@ EXAMPLES = f"""examples:
   {PROG} generate --from outputs/00012-42-a_lighthouse.png --seed 43 --model model.safetensors
   {PROG} info outputs/00012-42-a_lighthouse.png
   {PROG} inspect model.safetensors
+  {PROG} plan model.safetensors --budget 1.5GB --size 512x512
 
 Run `{PROG} COMMAND --help` for the options of a command."""
 
@@ -85,6 +86,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from .server.serve import serve
         return serve(args)
+    if args.command == "plan":
+        from .cli_plan import run_plan
+        return run_plan(args)
     from .cli_info import convert_model, inspect_model, list_models, show_info
     if args.command == "models":
         return list_models(args)
@@ -183,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override what the model predicts (eps or v); default: read from the files")
     convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)")
 
+    from .cli_plan import add_plan_options  # no torch import: the options only
+    add_plan_options(_command(commands, "plan", "Pick the fastest memory plan that fits a budget: its "
+                                                "predicted peak, why, and the alternatives."))
+
     models = _command(commands, "models", "List the models --model accepts by name: the embedded ones and "
                                           "the checkpoints in ./models and $POCKETDIFFUSION_MODELS_DIR.")
     models.add_argument("--json", action="store_true",
@@ -259,8 +267,9 @@ def _generation_options(parser: argparse.ArgumentParser, size_default: str, also
                                                           "available, else cpu)")
     model.add_argument("--memory", choices=MEMORY_MODES, default="balanced",
                        help="memory mode: balanced keeps fp16 weights on GPUs, fp32 on the CPU; low "
-                            "also stores the UNet's weights as int8, dequantized layer by layer "
-                            "(default: balanced)")
+                            "also stores the UNet's weights as int8, dequantized layer by layer; minimal "
+                            "streams the weights block by block and tiles the VAE (`plan` says which "
+                            "fits; default: balanced)")
     model.add_argument("--prediction", choices=PREDICTIONS,
                        help="override what the model predicts, eps or v (default: what its files say)")
 

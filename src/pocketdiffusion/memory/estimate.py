@@ -1,0 +1,200 @@
+"""Predicted peak memory of one generation under a plan, without a weight or an activation.
+
+peak = resident weights + the largest working set of the three phases (text encoding, one
+denoising step of the UNet with its CFG batch, the VAE decode, tiled or not) + the runtime's
+own overhead.
+
+The working sets are not modelled by hand: the real models are built on the meta device (shapes,
+no memory) in the plan's dtype, attention kernel and quantization, and the very code a
+generation runs (the UNet forward, `decode_latents` with its tiling) is executed on meta tensors
+under a dispatch mode that adds up the bytes of every tensor storage created and subtracts them
+when the storage is freed. The highest sum is the activation peak; in-place ops, skips popped
+as they are consumed and one-tile-at-a-time decoding are all counted as they happen. Streamed
+weights are added while their group runs (and, on CUDA, the next group, which is prefetched).
+
+What it cannot see, the per-device overhead below, was measured (docs/BENCHMARKS.md, "Memory
+planner / minimal mode (CPU)").
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..config import ModelConfig
+from .plan import MemoryPlan, ops_for
+from .streaming import stream_group
+
+MIB = 2 ** 20
+# What a generation's process holds beyond `import torch` and the tensors counted here: our
+# modules, PIL, numpy, the tokenizer, oneDNN's scratchpad and the small-block heap (large blocks
+# go back to the OS: memory/cpu_heap.py). Measured on the 2-core CPU machine: the offset between
+# traced and measured peaks was 41-45 MiB for balanced and minimal at 256 and 384 pixels.
+CPU_OVERHEAD = 48 * MIB
+# Not yet measured: the caching allocator's reserve above the allocated peak (block rounding,
+# per-stream pools). To be calibrated against max_memory_reserved() on the device machine.
+CUDA_RESERVE = 0.15
+TEXT_TOKENS = 77
+# How a convolution reaches the dispatch mode (conv2d is not decomposed under inference mode).
+CONVOLUTIONS = (torch.ops.aten.convolution.default, torch.ops.aten.conv2d.default)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The predicted peak of one generation, in bytes, and what it is made of."""
+
+    plan: MemoryPlan
+    weights: int  # resident weights (all of them, or the non-streamed ones)
+    text: int  # working set of the text encoding
+    unet: int  # of one denoising step (activations, plus streamed groups while they run)
+    vae: int  # of the decode
+    overhead: int
+
+    @property
+    def peak(self) -> int:
+        return self.weights + max(self.text, self.unet, self.vae) + self.overhead
+
+    @property
+    def largest_phase(self) -> str:
+        return max(("text encoding", self.text), ("UNet step", self.unet), ("VAE decode", self.vae),
+                   key=lambda item: item[1])[0]
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of the tensor storages alive while code runs under it; `peak` is the
+    most at any time. Only storages created under the mode count (weights made before do not).
+
+    `conv_scratch`: the CPU's convolutions (oneDNN) also hold, while they run, a reordered copy of
+    the larger of their input and output (measured: a 64->64 3x3 conv at 256x256 peaks 16 MiB
+    above its output, a 128->64 one 32 MiB; docs/BENCHMARKS.md)."""
+
+    def __init__(self, conv_scratch: bool = False):
+        super().__init__()
+        self.live = self.peak = 0
+        self.conv_scratch = conv_scratch
+        self._seen = WeakIdKeyDictionary()
+
+    def add(self, nbytes: int) -> None:
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                if storage not in self._seen:  # a view or an in-place result: no new memory
+                    self._seen[storage] = True
+                    self.add(storage.nbytes())
+                    weakref.finalize(storage, self.add, -storage.nbytes())
+        if self.conv_scratch and func in CONVOLUTIONS:
+            scratch = max(args[0].numel(), out.numel()) * out.element_size()
+            self.peak = max(self.peak, self.live + scratch)
+        return out
+
+
+def predict(config: ModelConfig, plan: MemoryPlan, device: torch.device | str, width: int, height: int,
+            batch: int = 1, cfg: bool = True) -> Prediction:
+    """The peak of a `batch`-image generation at `width` x `height` under `plan` on `device`."""
+    from ..checkpoints.load import _build_on_meta  # the loader's own meta build: the same modules
+    device = torch.device(device)
+    dtype = plan.weight_dtype or (torch.float32 if device.type == "cpu" else torch.float16)
+    models = _build_on_meta(config, ops_for(plan))
+    for model in models.values():
+        model.to(dtype)
+    if plan.quantize_unet:
+        from .quant import quantize_
+        quantize_(models["unet"])
+    groups = _group_bytes(models) if plan.stream_weights else {}
+    prefetch = plan.stream_weights and device.type == "cuda"  # the next group is on its way meanwhile
+    resident = sum(_nbytes(models)) - sum(groups.values())
+    text = _text_working_set(config, dtype) + max((b for g, b in groups.items() if g.startswith("text")), default=0)
+    scratch = device.type == "cpu"
+    unet = _trace_unet(models["unet"], config, dtype, width, height, batch * (2 if cfg else 1), groups, prefetch,
+                       scratch)
+    vae = _trace_decode(models["vae"], plan, dtype, width, height, batch, groups, prefetch, scratch)
+    overhead = CPU_OVERHEAD if device.type != "cuda" else 0
+    if device.type == "cuda":
+        resident, text, unet, vae = (int(v * (1 + CUDA_RESERVE)) for v in (resident, text, unet, vae))
+    return Prediction(plan, resident, text, unet, vae, overhead)
+
+
+def _nbytes(models: dict[str, nn.Module]) -> list[int]:
+    return [t.numel() * t.element_size() for model in models.values()
+            for t in (*model.parameters(), *model.buffers())]
+
+
+def _group_bytes(models: dict[str, nn.Module]) -> dict[str, int]:
+    """{streamed group: bytes of its weights}, named as memory/streaming.py names them."""
+    groups: dict[str, int] = {}
+    for component, model in models.items():
+        for name, tensor in model.named_parameters():
+            group = stream_group(f"{component}.{name}")
+            if group is not None:
+                groups[group] = groups.get(group, 0) + tensor.numel() * tensor.element_size()
+    return groups
+
+
+def _text_working_set(config: ModelConfig, dtype: torch.dtype) -> int:
+    """A CLIP layer's activations for one prompt: a handful of (1, 77, mlp) tensors (KBs to MBs:
+    never the largest phase, so a bound does)."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    return max(8 * TEXT_TOKENS * max(c.mlp_dim, c.width) * size for c in config.text_encoders)
+
+
+def _with_groups(model: nn.Module, component: str, groups: dict[str, int], counter: LiveBytes,
+                 prefetch: bool) -> list:
+    """Hooks that count a streamed group's weights while it runs (and the next group's, on CUDA)."""
+    handles = []
+    names = [n for n in groups if n.startswith(component + ".")]
+    for index, name in enumerate(names):
+        module = model.get_submodule(name[len(component) + 1:])
+        extra = groups[names[index + 1]] if prefetch and index + 1 < len(names) else 0
+        nbytes = groups[name] + extra
+        handles.append(module.register_forward_pre_hook(lambda *_, n=nbytes: counter.add(n)))
+        handles.append(module.register_forward_hook(lambda *_, n=nbytes: counter.add(-n)))
+    return handles
+
+
+def _trace(run, model: nn.Module, component: str, groups: dict[str, int], prefetch: bool, scratch: bool) -> int:
+    counter = LiveBytes(conv_scratch=scratch)
+    handles = _with_groups(model, component, groups, counter, prefetch)
+    try:
+        with torch.inference_mode(), counter:
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counter.peak
+
+
+def _trace_unet(unet: nn.Module, config: ModelConfig, dtype: torch.dtype, width: int, height: int, batch: int,
+                groups: dict[str, int], prefetch: bool, scratch: bool) -> int:
+    f = config.vae.downscale
+    cfg = config.unet
+    meta = {"device": "meta", "dtype": dtype}
+    x = torch.empty(batch, cfg.in_channels, height // f, width // f, **meta)
+    context = torch.empty(batch, TEXT_TOKENS, cfg.context_dim, **meta)
+    y = None if cfg.adm_in_channels is None else torch.empty(batch, cfg.adm_in_channels, **meta)
+    t = torch.empty(batch, device="meta")
+    peak = _trace(lambda: unet(x, t, context, y), unet, "unet", groups, prefetch, scratch)
+    # The sampler's own latents around the call: x, denoised, the scaled input and the CFG halves.
+    return peak + 6 * x.numel() * x.element_size()
+
+
+def _trace_decode(vae: nn.Module, plan: MemoryPlan, dtype: torch.dtype, width: int, height: int, batch: int,
+                  groups: dict[str, int], prefetch: bool, scratch: bool) -> int:
+    from ..pipelines.base import decode_latents
+    f = vae.downscale
+    latents = torch.empty(batch, vae.latent_channels, height // f, width // f, device="meta", dtype=dtype)
+    parts = SimpleNamespace(vae=vae)
+    peak = _trace(lambda: decode_latents(parts, latents, plan), vae.decoder, "vae.decoder", groups, prefetch,
+                  scratch)
+    # the images as float and as 8-bit arrays on their way to PIL (pipelines/images.py to_pil)
+    return peak + batch * 3 * width * height * (4 + 1)
