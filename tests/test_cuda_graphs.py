@@ -68,3 +68,20 @@ def test_a_graphed_pipeline_gives_the_eager_pictures_and_captures_once(tiny_sd1)
     for a, b in zip(eager, graphed):
         assert np.abs(a - b).max() <= 1
     assert pipe.model_call.captures == 1  # the second prompt reused the first one's graph
+
+
+def test_the_fast_mode_graphs_only_on_cuda_and_falls_back_to_balanced():
+    from pocketdiffusion.memory.plan import lower_plan, plan_for
+    assert plan_for("fast", "cuda").cuda_graphs and not plan_for("fast", "cpu").cuda_graphs
+    assert not plan_for("balanced", "cuda").cuda_graphs
+    lower = lower_plan(plan_for("fast", "cuda"))
+    assert lower.mode == "balanced" and not lower.cuda_graphs  # an OOM first gives up the graphs
+
+
+def test_fast_on_the_cpu_gives_the_balanced_pictures(tiny_sd1):
+    settings = {"steps": 2, "width": 64, "height": 64, "seed": 3}
+    fast = pocketdiffusion.load(tiny_sd1, device="cpu", memory="fast")
+    assert not isinstance(fast.model_call, GraphedModel)
+    balanced = pocketdiffusion.load(tiny_sd1, device="cpu")
+    assert np.array_equal(np.asarray(fast.generate("a cat", **settings)[0]),
+                          np.asarray(balanced.generate("a cat", **settings)[0]))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-MEMORY_MODES = ("balanced", "low", "minimal")  # memory/plan.py MODES
+MEMORY_MODES = ("fast", "balanced", "low", "minimal")  # memory/plan.py MODES
 
 if TYPE_CHECKING:
     import torch
@@ -26,7 +26,8 @@ def load(path: str | os.PathLike = "shapes", device: "str | torch.device | None"
     default; "shapes-inpainting", its 9-channel inpainting variant).
 
     `device`: "cuda", "cpu", "mps" or None (CUDA when available, else CPU). `memory`: the memory
-    mode (memory/plan.py): "balanced" (fp16 weights on GPUs, fp32 on the CPU) or "low" (as
+    mode (memory/plan.py): "fast" (balanced, with the UNet replayed from CUDA graphs on CUDA),
+    "balanced" (fp16 weights on GPUs, fp32 on the CPU) or "low" (as
     balanced, with the UNet's weights int8, dequantized per layer on use) or "minimal" (the weights
     streamed block by block from the file, or from pinned memory on CUDA; the VAE always tiled;
     `pocketdiffusion plan MODEL` says which fits a budget). `dtype` overrides the weight

@@ -3,6 +3,8 @@ weights live, whether they are int8-quantized, which attention kernel runs and i
 and whether the VAE works in tiles. The loader builds the models from it; the pipelines read it.
 
 Modes (`pocketdiffusion.load(memory=...)`):
+- "fast": balanced with the UNet call replayed from CUDA graphs (speed/cuda_graphs.py) on CUDA;
+  the graph's activations stay reserved between calls. Elsewhere the same as balanced.
 - "balanced": fp16 weights on GPUs (fp32 on the CPU); SDPA attention on CUDA and the CPU (both
   have blocked flash kernels that never hold the full attention matrix; measured on the 2-core
   CPU at 4096 tokens, SDPA took 0.21 s against 0.53 s for our chunked kernel), chunked attention
@@ -20,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-MODES = ("balanced", "low", "minimal")
+MODES = ("fast", "balanced", "low", "minimal")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ def plan_for(mode: str, device: torch.device | str) -> MemoryPlan:
         # then about a sixth of a whole 512x512 decode's, in line with one streamed block.
         return MemoryPlan(mode=mode, attention=attention, stream_weights=True, vae_tile_above=0,
                           vae_tile=32, vae_tile_overlap=8)
+    if mode == "fast":
+        return MemoryPlan(mode=mode, attention=attention, cuda_graphs=device.type == "cuda")
     return MemoryPlan(mode=mode, attention=attention, quantize_unet=mode == "low")
 
 
@@ -72,9 +76,11 @@ class MemoryFallbackWarning(UserWarning):
 
 
 def lower_plan(plan: MemoryPlan) -> MemoryPlan | None:
-    """The next plan down after an out-of-memory: int8 UNet weights, then the VAE tiled at every
+    """The next plan down after an out-of-memory: balanced (no CUDA graphs), int8 UNet weights, then the VAE tiled at every
     size; None when there is nothing lower left to try. (A streamed plan is the lowest there is:
     its int8 counterpart would hold the whole UNet resident.)"""
+    if plan.cuda_graphs or plan.mode == "fast":  # first give up the graphs' reserved activations
+        return plan.with_(mode="balanced", cuda_graphs=False)
     if plan.stream_weights:
         return plan.with_(vae_tile_above=0) if plan.vae_tile_above != 0 else None
     if not plan.quantize_unet:

@@ -1,6 +1,6 @@
 """The planner: the fastest plan whose predicted peak fits a memory budget, and why.
 
-Candidates, fastest first: each mode of memory/plan.py MODES (balanced, low, minimal), the first
+Candidates, fastest first: each mode of memory/plan.py MODES (fast on CUDA only, balanced, low, minimal), the first
 two also with the VAE tiled at every size (a slower decode, a smaller one). The first candidate
 whose predicted peak (memory/estimate.py) fits the budget wins; the others are reported with
 their predictions. With no budget given, the budget is what the device has free: CUDA's free
@@ -81,6 +81,8 @@ def candidates(config: ModelConfig, device: torch.device | str, width: int, heig
     minimal = plan_for("minimal", device)
     for mode in MODES:
         plan = plan_for(mode, device)
+        if mode == "fast" and not plan.cuda_graphs:
+            continue  # off CUDA, fast is balanced: listing it twice would say nothing
         out.append((mode, predict(config, plan, device, width, height, batch)))
         if not should_tile(pixels, plan.vae_tile_above):
             # the same plan with minimal's small VAE tiles: slower decoding, a smaller peak
