@@ -69,6 +69,20 @@ class StreamedWeights:
                     out[target] = value
         return out
 
+    def read_rows(self, target: str, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` (1-D long) of the 2-D weight `target`, in the run dtype, without reading the
+        rest (a text encoder's token embedding: a prompt needs 77 of its 49408 rows). The stored
+        tensor is taken as it lies in the file (a zero-copy view where the format maps it), the
+        rows are gathered and only they are converted: the elementwise conversion gives the same
+        values as converting the whole table first, as `read` does. The table's mapper must be a
+        rename (it is for every embedding: checkpoints/keymaps.py), so the view passes through it."""
+        source, key = self._where[target]
+        table = dict(source.mapper(key, source.tensors.get(key)))[target]
+        picked = table.index_select(0, rows)
+        del table  # the view's buffer export, before its pages are dropped
+        source.tensors.release(key)
+        return picked.to(self.dtype) if picked.is_floating_point() else picked
+
     def prefetch(self, targets: Iterable[str]) -> None:
         for source, key in self._keys(targets).values():
             source.tensors.prefetch(key)

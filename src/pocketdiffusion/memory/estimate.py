@@ -29,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import ModelConfig
 from .plan import MemoryPlan, ops_for
-from .streaming import stream_group
+from .streaming import gathers_rows, stream_group
 
 MIB = 2 ** 20
 # What a generation's process holds beyond `import torch` and the tensors counted here: our
@@ -112,9 +112,11 @@ def predict(config: ModelConfig, plan: MemoryPlan, device: torch.device | str, w
         from .quant import quantize_
         quantize_(models["unet"])
     groups = _group_bytes(models) if plan.stream_weights else {}
+    tables, rows = _gathered_bytes(models, device) if plan.stream_weights else (0, 0)
     prefetch = plan.stream_weights and device.type == "cuda"  # the next group is on its way meanwhile
-    resident = sum(_nbytes(models)) - sum(groups.values())
-    text = _text_working_set(config, dtype) + max((b for g, b in groups.items() if g.startswith("text")), default=0)
+    resident = sum(_nbytes(models)) - sum(groups.values()) - tables
+    text = (_text_working_set(config, dtype) + rows
+            + max((b for g, b in groups.items() if g.startswith("text")), default=0))
     scratch = device.type == "cpu"
     unet = _trace_unet(models["unet"], config, dtype, width, height, batch * (2 if cfg else 1), groups, prefetch,
                        scratch)
@@ -139,6 +141,18 @@ def _group_bytes(models: dict[str, nn.Module]) -> dict[str, int]:
             if group is not None:
                 groups[group] = groups.get(group, 0) + tensor.numel() * tensor.element_size()
     return groups
+
+
+def _gathered_bytes(models: dict[str, nn.Module], device: torch.device) -> tuple[int, int]:
+    """(bytes of the embedding tables the minimal mode leaves in the file, bytes of the rows one
+    prompt reads from them: at most 77 per table, memory/streaming.py RowGather)."""
+    tables = rows = 0
+    for component, model in models.items():
+        for name, tensor in model.named_parameters():
+            if gathers_rows(f"{component}.{name}", device):
+                tables += tensor.numel() * tensor.element_size()
+                rows += min(TEXT_TOKENS, tensor.shape[0]) * tensor.shape[1] * tensor.element_size()
+    return tables, rows
 
 
 def _text_working_set(config: ModelConfig, dtype: torch.dtype) -> int:

@@ -5,9 +5,10 @@ resampler; a CLIP layer; a VAE ResnetBlock, attention or resampler) gets its wei
 it runs and gives them back just after (a transformer block's group nests in its
 transformer's), so only one group's weights (two on CUDA: the next one is
 on its way) are live at a time. The small layers around them (the UNet's time embedding and
-output, CLIP's embeddings and final norm, the VAE's in/out convs) stay resident: they are few
-bytes, and `next(model.parameters())` (how the pipelines find a model's device and dtype) must
-stay a real resident tensor.
+output, CLIP's position embedding and final norm, the VAE's in/out convs) stay resident: they are
+few bytes. CLIP's token embedding is big (49408 rows) but a prompt reads 77 of its rows: on the
+CPU those rows alone are read from the file on each call (`RowGather`). A placeholder keeps the
+dtype and device that `next(model.parameters())` (how the pipelines find them) reports.
 
 Where a group's weights come from (a *transport*):
 - CPU, `MmapTransport`: the memory-mapped weight file itself. A weight stored in the run dtype is
@@ -44,6 +45,10 @@ GROUP_RULES = (
     re.compile(r"^text_encoders\.\d+\.text_model\.encoder\.layers\.\d+\."),
     re.compile(r"^vae\.(encoder|decoder)\.((down|up)\.\d+\.(block\.\d+|downsample|upsample)|mid\.\w+)\."),
 )
+# Weights that are neither resident nor streamed whole: a text encoder's token embedding, of which
+# a prompt needs 77 rows, read from the mapped file on each call (`RowGather`). Resident, CLIP-L's
+# table was 145 MiB in fp32, a third of minimal's predicted peak at SD1.5 512x512 on the CPU.
+GATHERED = re.compile(r"^text_encoders\.\d+\.text_model\.embeddings\.token_embedding\.weight$")
 # The modules whose one call is one pass over their groups (and so one learned order).
 ROOTS = ("unet", "text_encoders.*", "vae.encoder", "vae.decoder")
 
@@ -56,6 +61,35 @@ def stream_group(target: str) -> str | None:
         if match:
             return match.group(0)[:-1]
     return None
+
+
+def gathers_rows(target: str, device: torch.device | str) -> bool:
+    """Whether the minimal mode reads only the needed rows of `target` from its file, on each call.
+    CPU only: on CUDA the streamed weights are copied to pinned memory and the files closed."""
+    return torch.device(device).type == "cpu" and GATHERED.match(target) is not None
+
+
+class RowGather:
+    """An embedding whose table stays in the mapped file: before each call, the rows its ids name
+    are read (`StreamedWeights.read_rows`) and the ids renumbered into them; after it, the
+    placeholder is back. `F.embedding` copies rows, so picking row `inverse[i]` of the gathered
+    rows gives the very values of row `ids[i]` of the whole table."""
+
+    def __init__(self, owner: nn.Module, attribute: str, target: str, weights: StreamedWeights):
+        self.owner, self.attribute, self.target, self.weights = owner, attribute, target, weights
+        self.placeholder = owner._parameters[attribute]
+        owner.register_forward_pre_hook(self._enter)
+        owner.register_forward_hook(self._exit)
+
+    def _enter(self, _module: nn.Module, args: tuple) -> tuple:
+        ids, *rest = args
+        rows, inverse = torch.unique(ids, return_inverse=True)
+        self.owner._parameters[self.attribute] = nn.Parameter(self.weights.read_rows(self.target, rows),
+                                                              requires_grad=False)
+        return (inverse, *rest)
+
+    def _exit(self, _module: nn.Module, _args: tuple, _output: torch.Tensor) -> None:
+        self.owner._parameters[self.attribute] = self.placeholder
 
 
 @dataclass
@@ -183,9 +217,10 @@ class BlockStreaming:
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
         self.streamer: Streamer | None = None
+        self.gathers: list[RowGather] = []
 
     def streams(self, target: str) -> bool:
-        return stream_group(target) is not None
+        return stream_group(target) is not None or gathers_rows(target, self.device)
 
     def install(self, models: dict[str, nn.Module], weights: StreamedWeights) -> None:
         modules = {f"{component}.{name}" if name else component: module
@@ -195,6 +230,9 @@ class BlockStreaming:
             name = stream_group(target)
             owner_name, _, attribute = target.rpartition(".")
             owner = modules[owner_name]
+            if name is None:  # a gathered embedding (`streams`)
+                self.gathers.append(RowGather(owner, attribute, target, weights))
+                continue
             group = groups.setdefault(name, Group(name))
             group.slots.append((owner, attribute, target))
             group.placeholder[target] = owner._parameters[attribute]
@@ -215,5 +253,6 @@ def _host_copy(weights: StreamedWeights, groups: dict[str, Group], pin: bool) ->
         for target, tensor in weights.read(group.targets).items():
             host[target] = tensor.pin_memory() if pin else tensor.clone()
         weights.release(group.targets)
-    weights.close()
+    if set(host) == set(weights.targets):  # else a gathered embedding still reads from the files
+        weights.close()
     return host
