@@ -510,8 +510,8 @@ def test_unknown_options_are_named(sd1):
 
 
 def test_load_refuses_bad_arguments(folders, tmp_path):
-    with pytest.raises(ValueError, match="memory='fast'.*balanced"):
-        pocketdiffusion.load(folders["sd1"], memory="fast")
+    with pytest.raises(ValueError, match="memory='turbo'.*balanced"):
+        pocketdiffusion.load(folders["sd1"], memory="turbo")
     missing = tmp_path / "no_such_model.safetensors"
     with pytest.raises(CheckpointError, match="no_such_model.safetensors.*no such file"):
         pocketdiffusion.load(missing)
