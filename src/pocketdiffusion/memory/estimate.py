@@ -72,7 +72,8 @@ class LiveBytes(TorchDispatchMode):
 
     `conv_scratch`: the CPU's convolutions (oneDNN) also hold, while they run, a reordered copy of
     the larger of their input and output (measured: a 64->64 3x3 conv at 256x256 peaks 16 MiB
-    above its output, a 128->64 one 32 MiB; docs/BENCHMARKS.md)."""
+    above its output, a 128->64 one 32 MiB; docs/BENCHMARKS.md) and one of their weight (what
+    dominates at full size, where the deep convs' weights dwarf their activations)."""
 
     def __init__(self, conv_scratch: bool = False):
         super().__init__()
@@ -94,7 +95,9 @@ class LiveBytes(TorchDispatchMode):
                     self.add(storage.nbytes())
                     weakref.finalize(storage, self.add, -storage.nbytes())
         if self.conv_scratch and func in CONVOLUTIONS:
-            scratch = max(args[0].numel(), out.numel()) * out.element_size()
+            # and of its weight: at SD1.5's 8x8 latents a 2560->1280 3x3 conv (112.5 MiB of fp32
+            # weight) peaked 121.8 MiB above what was live; its activations are about 1 MiB
+            scratch = (max(args[0].numel(), out.numel()) + args[1].numel()) * out.element_size()
             self.peak = max(self.peak, self.live + scratch)
         return out
 
