@@ -29,6 +29,12 @@ from pocketdiffusion.data.bpe import train_bpe, write_bpe  # noqa: E402
 PROMPT, NEGATIVE = "a photo of an astronaut riding a horse on the moon", "blurry, low quality"
 
 
+def unet_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SD1.5 at 512x512 with CFG: latents (2, 4, 64, 64), timesteps, text context (2, 77, 768)."""
+    return (torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.float16), torch.tensor([500.0, 500.0], device="cuda"),
+            torch.randn(2, 77, 768, device="cuda", dtype=torch.float16))
+
+
 def pure_unet_ms(unet_call, steps: int) -> float:
     """ms per call of `steps` back-to-back UNet calls (CFG batch 2, 64x64 latents), nothing else."""
     for _ in range(3):
@@ -76,9 +82,7 @@ def measure_ours(pipe, args) -> dict:
     torch.cuda.reset_peak_memory_stats()
     ours = timed_runs(gen, args.repeats)
     peak = (torch.cuda.max_memory_reserved() / 2 ** 20, torch.cuda.max_memory_allocated() / 2 ** 20)
-    x = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.float16)
-    t = torch.tensor([500.0, 500.0], device="cuda")
-    ctx = torch.randn(2, 77, 768, device="cuda", dtype=torch.float16)
+    x, t, ctx = unet_inputs()
     request = pocketdiffusion.GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, steps=args.steps,
                                                 cfg=7.5, sampler="euler", seed=0, width=512, height=512)
     loops, pures = [], []
@@ -135,9 +139,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         theirs = timed_runs(rgen, args.repeats)
         peak = (torch.cuda.max_memory_reserved() / 2 ** 20, torch.cuda.max_memory_allocated() / 2 ** 20)
-        x = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.float16)
-        t = torch.tensor([500.0, 500.0], device="cuda")
-        ctx = torch.randn(2, 77, 768, device="cuda", dtype=torch.float16)
+        x, t, ctx = unet_inputs()
         loops, pures = [], []
         for _ in range(args.repeats):
             clock = StepClock()

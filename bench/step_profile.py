@@ -15,25 +15,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline_overhead import pure_unet_ms, unet_inputs  # noqa: E402
 from reference_models import build_reference, save_diffusers_folder  # noqa: E402
 
 import pocketdiffusion  # noqa: E402
 from pocketdiffusion.data.bpe import train_bpe, write_bpe  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
-
-
-def per_call_ms(fn, calls: int, sync_each: bool) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-        if sync_each:
-            torch.cuda.synchronize()
-    torch.cuda.synchronize()
-    return 1000 * (time.perf_counter() - t0) / calls
 
 
 def launch_ms(fn) -> float:
@@ -56,13 +44,16 @@ def main() -> None:
         torch.cuda.empty_cache()
         pipe = pocketdiffusion.load(tmp, device="cuda")
         unet = pipe.parts.unet
-        x = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.float16)
-        t = torch.tensor([500.0, 500.0], device="cuda")
-        ctx = torch.randn(2, 77, 768, device="cuda", dtype=torch.float16)
+        x, t, ctx = unet_inputs()
         call = lambda: unet(x, t, ctx)  # noqa: E731
+
+        def call_and_sync():
+            call()
+            torch.cuda.synchronize()
+
         with torch.inference_mode():
-            back_to_back = per_call_ms(call, 30, sync_each=False)
-            synced = per_call_ms(call, 30, sync_each=True)
+            back_to_back = pure_unet_ms(call, 30)
+            synced = pure_unet_ms(call_and_sync, 30)
             launches = sorted(launch_ms(call) for _ in range(10))
         request = pocketdiffusion.GenerationRequest(prompt=PROMPT, steps=30, cfg=7.5, seed=0, width=512, height=512)
         pipe.generate(PROMPT, steps=30, width=512, height=512)  # warm-up

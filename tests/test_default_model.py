@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from PIL import Image
 import pocketdiffusion
 from pocketdiffusion.catalog import embedded_available
 from pocketdiffusion.data import shapes
-from pocketdiffusion.data.classify import classify, grade, score
+from pocketdiffusion.data.classify import classify, score
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +111,8 @@ def test_img2img_keeps_the_layout_at_0_3_and_follows_the_new_prompt_at_0_8():
 # guidance makes it overshoot into blotches: over these 40 cases it reached 75% at CFG 7.5 (77.5%
 # with 30 steps, 65% at CFG 10) and 95% at CFG 4 (docs/BENCHMARKS.md). The 9-channel model is
 # held to the default CFG.
-@pytest.mark.parametrize("model, cfg", [("shapes-inpainting", 7.5), ("shapes", 4.0)], ids=["9-channel", "mask-blending"])
+@pytest.mark.parametrize("model, cfg", [("shapes-inpainting", 7.5), ("shapes", 4.0)],
+                         ids=["9-channel", "mask-blending"])
 def test_inpainting_paints_the_new_prompt_inside_the_mask_and_keeps_the_rest(model, cfg):
     """A picture with its object on the left; the right half masked; the prompt asks for another
     shape and colour on the right. The masked half must show it (classified on its own), and the
@@ -135,7 +135,8 @@ def test_inpainting_paints_the_new_prompt_inside_the_mask_and_keeps_the_rest(mod
         found = classify(np.ascontiguousarray(out[:, 64:]))
         hits.append(bool(found.objects) and (found.objects[0].shape, found.objects[0].color)
                     == (wanted.shape, wanted.color) and found.background == background)
-    assert np.mean(hits) >= 0.8, f"{model}: the masked half follows the prompt in {np.mean(hits):.0%} of {INPAINT_CASES}"
+    assert np.mean(hits) >= 0.8, \
+        f"{model}: the masked half follows the prompt in {np.mean(hits):.0%} of {INPAINT_CASES}"
 
 
 def test_the_readme_main_command_runs_in_seconds_and_draws_the_prompt(tmp_path):

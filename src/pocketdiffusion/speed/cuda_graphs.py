@@ -91,5 +91,6 @@ class GraphedModel:
         with torch.cuda.graph(graph, pool=self._pool):
             output = call()
         self.captures += 1
-        inputs = [static["x_in"], static["t"]] + [static_cond[n] for n in names if isinstance(static_cond[n], torch.Tensor)]
+        inputs = [static["x_in"], static["t"]] + [
+            static_cond[n] for n in names if isinstance(static_cond[n], torch.Tensor)]
         return _Captured(graph, inputs, output)
