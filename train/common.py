@@ -274,12 +274,16 @@ class LoopState:
     history: list[dict] = field(default_factory=list)  # the loss reports
 
 
-def run_loop(stage: str, *, state: LoopState, budget: Budget, optimizer: torch.optim.Optimizer,
-             schedule: LRSchedule, loss_fn: Callable[[SceneBatch], torch.Tensor], batches: Iterator[SceneBatch],
-             settings: Settings, batch_size: int, grad_clip: float | None, ema: EMA | None = None,
-             save: Callable[[], None] | None = None) -> None:
-    """Train until the budget is spent: set the LR, loss, backward, clip, step, EMA; report the mean
-    loss and throughput every `settings.log_every` steps; save every `ckpt_every_seconds`."""
+def run_loop(stage: str, *, state: LoopState, seconds: float, hyper, optimizer: torch.optim.Optimizer,
+             loss_fn: Callable[[SceneBatch], torch.Tensor], batches: Iterator[SceneBatch], settings: Settings,
+             ema: EMA | None = None, save: Callable[[], None] | None = None) -> None:
+    """Train for `seconds` more of wall clock (on top of `state.seconds` already spent): set the LR,
+    loss, backward, clip, step, EMA; report the mean loss and throughput every
+    `settings.log_every` steps; save every `ckpt_every_seconds`. `hyper`: the stage's
+    hyperparameters (batch_size, lr, warmup_steps, grad_clip; every stage's Hyper has them)."""
+    budget = Budget(seconds, spent=state.seconds, max_steps=settings.max_steps)
+    schedule = LRSchedule(hyper.lr, hyper.warmup_steps)
+    batch_size, grad_clip = hyper.batch_size, hyper.grad_clip
     params = [p for group in optimizer.param_groups for p in group["params"]]
     loss_sum = torch.zeros((), device=settings.device)
     since_report, report_time, last_save = 0, time.monotonic(), time.monotonic()

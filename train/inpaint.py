@@ -22,7 +22,7 @@ from pocketdiffusion.models.clip import CLIPTextModel
 from pocketdiffusion.models.unet import UNetModel
 from pocketdiffusion.models.vae import AutoencoderKL
 
-from .common import (EMA, Budget, LRSchedule, SceneBatch, Settings, ShapesStream, autocast, load_checkpoint,
+from .common import (EMA, SceneBatch, Settings, ShapesStream, autocast, load_checkpoint,
                      make_optimizer, masks_on_device, render_on_device, restore_state, run_loop, save_checkpoint,
                      stage_payload, stage_record, stream_batches)
 from .unet import NoiseSchedule, encode_text, frozen_encoder, scaled_latents
@@ -117,10 +117,8 @@ def train_inpaint(settings: Settings, hyper: InpaintHyper, seconds: float, *, va
         save_checkpoint(checkpoint, stage_payload(unet, optimizer, state, ema))
 
     unet.train()
-    run_loop("inpaint", state=state, budget=Budget(seconds, spent=state.seconds, max_steps=settings.max_steps),
-             optimizer=optimizer, schedule=LRSchedule(hyper.lr, hyper.warmup_steps), loss_fn=loss_fn,
-             batches=batches, settings=settings, batch_size=hyper.batch_size, grad_clip=hyper.grad_clip,
-             ema=ema, save=save)
+    run_loop("inpaint", state=state, seconds=seconds, hyper=hyper, optimizer=optimizer, loss_fn=loss_fn,
+             batches=batches, settings=settings, ema=ema, save=save)
     del batches
     save()
     print(f"[inpaint] done: {state.step} steps in {state.seconds:.1f} s", flush=True)

@@ -27,7 +27,7 @@ from pocketdiffusion.models.unet import UNetModel
 from pocketdiffusion.models.vae import AutoencoderKL
 from pocketdiffusion.sampling.schedules import scaled_linear_alphas_cumprod
 
-from .common import (EMA, Budget, LRSchedule, SceneBatch, Settings, ShapesStream, autocast, load_checkpoint,
+from .common import (EMA, SceneBatch, Settings, ShapesStream, autocast, load_checkpoint,
                      make_optimizer, render_on_device, restore_state, run_loop, save_checkpoint, stage_payload,
                      stage_record, stream_batches)
 
@@ -153,10 +153,8 @@ def train_text_unet(settings: Settings, hyper: UNetHyper, seconds: float, *, vae
         save_checkpoint(checkpoint, stage_payload(models, optimizer, state, ema))
 
     models.train()
-    run_loop("unet", state=state, budget=Budget(seconds, spent=state.seconds, max_steps=settings.max_steps),
-             optimizer=optimizer, schedule=LRSchedule(hyper.lr, hyper.warmup_steps), loss_fn=loss_fn,
-             batches=batches, settings=settings, batch_size=hyper.batch_size, grad_clip=hyper.grad_clip,
-             ema=ema, save=save)
+    run_loop("unet", state=state, seconds=seconds, hyper=hyper, optimizer=optimizer, loss_fn=loss_fn,
+             batches=batches, settings=settings, ema=ema, save=save)
     del batches
     save()
     print(f"[unet] done: {state.step} steps in {state.seconds:.1f} s", flush=True)

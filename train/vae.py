@@ -21,7 +21,7 @@ from pocketdiffusion.data import shapes
 from pocketdiffusion.data.classify import score
 from pocketdiffusion.models.vae import AutoencoderKL
 
-from .common import (Budget, LRSchedule, SceneBatch, Settings, ShapesStream, autocast, fixed_batch,
+from .common import (SceneBatch, Settings, ShapesStream, autocast, fixed_batch,
                      load_checkpoint, make_optimizer, render_on_device, restore_state, run_loop,
                      save_checkpoint, stage_payload, stage_record, stream_batches)
 
@@ -147,7 +147,6 @@ def train_vae(settings: Settings, hyper: VAEHyper, seconds: float, *, checkpoint
     optimizer = make_optimizer(vae.parameters(), hyper.lr, settings)
     if payload is not None:
         optimizer.load_state_dict(payload["optimizer"])
-    budget = Budget(seconds, spent=state.seconds, max_steps=settings.max_steps)
     stream = ShapesStream(hyper.batch_size, settings.seed, STAGE_STREAM * 10**9 + state.step, size=settings.size)
     batches = stream_batches(stream, settings)
 
@@ -159,9 +158,8 @@ def train_vae(settings: Settings, hyper: VAEHyper, seconds: float, *, checkpoint
         save_checkpoint(checkpoint, stage_payload(vae, optimizer, state))
 
     vae.train()
-    run_loop("vae", state=state, budget=budget, optimizer=optimizer, schedule=LRSchedule(hyper.lr, hyper.warmup_steps),
-             loss_fn=loss_fn, batches=batches, settings=settings, batch_size=hyper.batch_size,
-             grad_clip=hyper.grad_clip, save=save)
+    run_loop("vae", state=state, seconds=seconds, hyper=hyper, optimizer=optimizer, loss_fn=loss_fn,
+             batches=batches, settings=settings, save=save)
     del batches  # stops the data workers
     vae.eval()
 

@@ -160,7 +160,8 @@ class HostTransport:
         return tensors
 
     def release(self, group: Group) -> None:
-        pass  # the device copies are freed with their last reference (Group.clear drops it)
+        """Nothing to give back here: the device copies are freed with their last reference
+        (Group.clear drops it), and the pinned host copies stay for the next pass."""
 
 
 class Streamer:
