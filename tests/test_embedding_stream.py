@@ -50,10 +50,10 @@ def test_gathered_embedding_equals_resident_bit_for_bit(tmp_path, kind, dtype):
 def test_only_the_named_rows_are_read(tmp_path):
     policy = BlockStreaming("cpu")
     parts = load(_write(tmp_path), dtype=torch.float32, streaming=policy)
-    weights = policy.gathers[0].weights
+    gather = policy.gathers[0]
     reads = []
-    original = weights.read_rows
-    weights.read_rows = lambda target, rows: (reads.append((target, rows.tolist())), original(target, rows))[1]
+    original = gather.read_rows
+    gather.read_rows = lambda target, rows: (reads.append((target, rows.tolist())), original(target, rows))[1]
     ids = torch.tensor([[5, 9, 5, 2, 9, 9]])
     with torch.inference_mode():
         parts.text_encoders[0](ids)
@@ -61,11 +61,11 @@ def test_only_the_named_rows_are_read(tmp_path):
 
 
 def test_the_planner_leaves_the_table_in_the_file():
-    assert gathers_rows(TABLE, "cpu") and not gathers_rows(TABLE, "cuda")
-    assert not gathers_rows("text_encoders.0.text_model.embeddings.position_embedding.weight", "cpu")
+    assert gathers_rows(TABLE)
+    assert not gathers_rows("text_encoders.0.text_model.embeddings.position_embedding.weight")
     clip = SD15.text_encoders[0]
     table = clip.vocab_size * clip.width * 4  # fp32: 145 MiB
     minimal = predict(SD15, plan_for("minimal", "cpu"), "cpu", 512, 512)
     assert minimal.weights < 16 * 2 ** 20 < table  # what stays resident: the small layers only
     on_cuda = predict(SD15, plan_for("minimal", "cuda"), "cuda", 512, 512)
-    assert on_cuda.weights > clip.vocab_size * clip.width * 2  # fp16 table still resident there
+    assert on_cuda.weights < 16 * 2 ** 20 < table // 2  # on CUDA the table waits in host memory

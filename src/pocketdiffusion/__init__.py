@@ -56,8 +56,16 @@ def load(path: str | os.PathLike = "shapes", device: "str | torch.device | None"
     if plan.stream_weights:
         from .memory.streaming import BlockStreaming
         streaming = BlockStreaming(device)
+    parking = plan.park_idle and torch.device(device).type == "cuda"
+    if torch.device(device).type == "cuda":
+        from .memory.cuda_allocator import use_expandable_segments
+        use_expandable_segments()
+    from .memory.residency import PARKED_COMPONENTS, HostParking
     parts = load_components(model.path, device=device, dtype=dtype or plan.weight_dtype, prediction=prediction,
-                            unet_subfolder=model.unet_subfolder, ops=ops_for(plan), streaming=streaming)
+                            unet_subfolder=model.unet_subfolder, ops=ops_for(plan), streaming=streaming,
+                            host_components=PARKED_COMPONENTS if parking else ())
+    if parking:
+        parts.residency = HostParking(device, [*parts.text_encoders, parts.vae])
     if plan.quantize_unet:
         from .memory.quant import quantize_
         quantize_(parts.unet)

@@ -17,7 +17,7 @@ import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
@@ -59,6 +59,12 @@ class Components:
     source: str
     # Tokenizers handed over at construction (in-memory models, tests); None: found on first use.
     given_tokenizers: list[CLIPTokenizer] | None = field(default=None, repr=False)
+    # Where idle components wait between uses (memory/residency.py's HostParking); None: where loaded.
+    residency: Any = field(default=None, repr=False)
+
+    def in_use(self, *modules: nn.Module) -> ContextManager:
+        """`modules` on their run device for the block (parked ones are brought and sent back)."""
+        return self.residency.use(*modules) if self.residency is not None else contextlib.nullcontext()
 
     @property
     def tokenizers(self) -> list[CLIPTokenizer]:
@@ -84,7 +90,8 @@ class Components:
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
          *, prediction: str | None = None, config: ModelConfig | None = None, ops: Ops = DEFAULT_OPS,
-         unet_subfolder: str = "unet", streaming: Streaming | None = None) -> Components:
+         unet_subfolder: str = "unet", streaming: Streaming | None = None,
+         host_components: tuple[str, ...] = ()) -> Components:
     """Load a Stable Diffusion 1.x / 2.x / XL model (base or inpainting).
 
     `path`: a single `.safetensors` / `.ckpt` file in the LDM layout (what A1111, ComfyUI and
@@ -97,6 +104,9 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     inpainting UNet in `unet_inpaint/` beside the shared text encoder and VAE).
     `streaming` (the "minimal" memory mode, memory/streaming.py) leaves the weights it claims
     in their files, read when their block runs (checkpoints/stream.py).
+    `host_components` ("text_encoders", "vae") are placed in CPU memory whatever `device` is
+    (in `dtype`): a plan that parks them there between uses (memory/residency.py) never has
+    them on the device at load.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or Path to a model file or folder, got {type(path).__name__}")
@@ -132,7 +142,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
         _check_plan(sources, slots, f"the {config.family} architecture "
                     f"{'given as config' if given_config else 'detected from its shapes'}")
         for source in sources:
-            _load_source(source, slots, device, dtype, streaming, streamed)
+            _load_source(source, slots, device, dtype, streaming, streamed, host_components)
         if streamed is not None:
             _put_placeholders(streamed, slots, device, dtype)
             _check_all_materialized(models)
@@ -348,9 +358,10 @@ def _check_plan(sources: list[WeightSource], slots: dict[str, Slot], architectur
 # ---- reading ------------------------------------------------------------------------------------
 
 def _load_source(source: WeightSource, slots: dict[str, Slot], device: torch.device, dtype: torch.dtype,
-                 streaming: Streaming | None = None, streamed: StreamedWeights | None = None) -> None:
+                 streaming: Streaming | None = None, streamed: StreamedWeights | None = None,
+                 host_components: tuple[str, ...] = ()) -> None:
     """Read, map, convert and place the source's tensors one at a time (those `streaming`
-    claims are only recorded in `streamed`)."""
+    claims are only recorded in `streamed`; those of `host_components` go to CPU memory)."""
     for key in source.tensors.keys():
         if source.discard(key) is not None:
             continue
@@ -363,7 +374,12 @@ def _load_source(source: WeightSource, slots: dict[str, Slot], device: torch.dev
             if len(skip) == len(targets):
                 continue
         floating = source.tensors.dtype(key).is_floating_point
-        tensor = source.tensors.get(key, dtype=dtype if floating else None, device=device)
+        place = device
+        if host_components:
+            mapped = source.mapper(key, meta_like(source.tensors.shape(key), source.tensors.dtype(key)))
+            if mapped and mapped[0][0].split(".", 1)[0] in host_components:
+                place = torch.device("cpu")
+        tensor = source.tensors.get(key, dtype=dtype if floating else None, device=place)
         for target, value in source.mapper(key, tensor):
             if target in skip:
                 continue

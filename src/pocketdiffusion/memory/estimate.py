@@ -17,6 +17,7 @@ planner / minimal mode (CPU)").
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -120,10 +121,16 @@ def predict(config: ModelConfig, plan: MemoryPlan, device: torch.device | str, w
     resident = sum(_nbytes(models)) - sum(groups.values()) - tables
     text = (_text_working_set(config, dtype) + rows
             + max((b for g, b in groups.items() if g.startswith("text")), default=0))
+    decoder = 0
+    if plan.park_idle and device.type == "cuda":  # memory/residency.py: each on the device for its use only
+        encoders = sum(_nbytes({k: m for k, m in models.items() if k.startswith("text_encoders")}))
+        decoder = sum(_nbytes({"decoder": models["vae"].decoder, "post": models["vae"].post_quant_conv}))
+        resident -= encoders + sum(_nbytes({"vae": models["vae"]}))
+        text += encoders
     scratch = device.type == "cpu"
     unet = _trace_unet(models["unet"], config, dtype, width, height, batch * (2 if cfg else 1), groups, prefetch,
                        scratch)
-    vae = _trace_decode(models["vae"], plan, dtype, width, height, batch, groups, prefetch, scratch)
+    vae = _trace_decode(models["vae"], plan, dtype, width, height, batch, groups, prefetch, scratch) + decoder
     overhead = CPU_OVERHEAD if device.type != "cuda" else 0
     if device.type == "cuda":
         resident, text, unet, vae = (int(v * (1 + CUDA_RESERVE)) for v in (resident, text, unet, vae))
@@ -152,7 +159,7 @@ def _gathered_bytes(models: dict[str, nn.Module], device: torch.device) -> tuple
     tables = rows = 0
     for component, model in models.items():
         for name, tensor in model.named_parameters():
-            if gathers_rows(f"{component}.{name}", device):
+            if gathers_rows(f"{component}.{name}"):
                 tables += tensor.numel() * tensor.element_size()
                 rows += min(TEXT_TOKENS, tensor.shape[0]) * tensor.shape[1] * tensor.element_size()
     return tables, rows
@@ -210,7 +217,7 @@ def _trace_decode(vae: nn.Module, plan: MemoryPlan, dtype: torch.dtype, width: i
     from ..pipelines.base import decode_latents
     f = vae.downscale
     latents = torch.empty(batch, vae.latent_channels, height // f, width // f, device="meta", dtype=dtype)
-    parts = SimpleNamespace(vae=vae)
+    parts = SimpleNamespace(vae=vae, in_use=lambda *modules: contextlib.nullcontext())  # weights counted apart
     peak = _trace(lambda: decode_latents(parts, latents, plan), vae.decoder, "vae.decoder", groups, prefetch,
                   scratch)
     # the images as float and as 8-bit arrays on their way to PIL (pipelines/images.py to_pil)

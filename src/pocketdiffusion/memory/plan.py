@@ -5,7 +5,9 @@ and whether the VAE works in tiles. The loader builds the models from it; the pi
 Modes (`pocketdiffusion.load(memory=...)`):
 - "fast": balanced with the UNet call replayed from CUDA graphs (speed/cuda_graphs.py) on CUDA;
   the graph's activations stay reserved between calls. Elsewhere the same as balanced.
-- "balanced": fp16 weights on GPUs (fp32 on the CPU); SDPA attention on CUDA and the CPU (both
+- "balanced": fp16 weights on GPUs (fp32 on the CPU); on CUDA only the UNet stays on the device,
+  the text encoders and the VAE come from pinned host memory for their one use each (`park_idle`);
+  SDPA attention on CUDA and the CPU (both
   have blocked flash kernels that never hold the full attention matrix; measured on the 2-core
   CPU at 4096 tokens, SDPA took 0.21 s against 0.53 s for our chunked kernel), chunked attention
   with in-place softmax on MPS; the VAE tiled above `vae_tile_above` pixels.
@@ -32,6 +34,9 @@ class MemoryPlan:
     quantize_unet: bool = False  # int8 weight-only (memory/quant.py)
     stream_weights: bool = False  # block by block from the file / pinned memory (memory/streaming.py)
     cuda_graphs: bool = False  # replay the UNet call from CUDA graphs (speed/cuda_graphs.py; CUDA, resident weights)
+    # The text encoders and the VAE wait in pinned host memory between their uses, so the UNet's
+    # steps have the device to themselves (memory/residency.py; CUDA).
+    park_idle: bool = False
     attention: str = "sdpa"  # "sdpa" or "chunked"
     attention_chunk: int = 1024  # query rows per chunk for "chunked"
     vae_tile_above: int | None = 1024 * 1024  # tile the VAE when an image has more pixels; None = never
@@ -55,7 +60,7 @@ def plan_for(mode: str, device: torch.device | str) -> MemoryPlan:
                           vae_tile=32, vae_tile_overlap=8)
     if mode == "fast":
         return MemoryPlan(mode=mode, attention=attention, cuda_graphs=device.type == "cuda")
-    return MemoryPlan(mode=mode, attention=attention, quantize_unet=mode == "low")
+    return MemoryPlan(mode=mode, attention=attention, quantize_unet=mode == "low", park_idle=device.type == "cuda")
 
 
 def ops_for(plan: MemoryPlan):

@@ -6,8 +6,8 @@ it runs and gives them back just after (a transformer block's group nests in its
 transformer's), so only one group's weights (two on CUDA: the next one is
 on its way) are live at a time. The small layers around them (the UNet's time embedding and
 output, CLIP's position embedding and final norm, the VAE's in/out convs) stay resident: they are
-few bytes. CLIP's token embedding is big (49408 rows) but a prompt reads 77 of its rows: on the
-CPU those rows alone are read from the file on each call (`RowGather`). A placeholder keeps the
+few bytes. CLIP's token embedding is big (49408 rows) but a prompt reads 77 of its rows: those rows
+alone are read on each call (`RowGather`; from the file on the CPU, from host memory on CUDA). A placeholder keeps the
 dtype and device that `next(model.parameters())` (how the pipelines find them) reports.
 
 Where a group's weights come from (a *transport*):
@@ -63,20 +63,19 @@ def stream_group(target: str) -> str | None:
     return None
 
 
-def gathers_rows(target: str, device: torch.device | str) -> bool:
-    """Whether the minimal mode reads only the needed rows of `target` from its file, on each call.
-    CPU only: on CUDA the streamed weights are copied to pinned memory and the files closed."""
-    return torch.device(device).type == "cpu" and GATHERED.match(target) is not None
+def gathers_rows(target: str) -> bool:
+    """Whether the minimal mode reads only the needed rows of `target`, on each call."""
+    return GATHERED.match(target) is not None
 
 
 class RowGather:
-    """An embedding whose table stays in the mapped file: before each call, the rows its ids name
-    are read (`StreamedWeights.read_rows`) and the ids renumbered into them; after it, the
-    placeholder is back. `F.embedding` copies rows, so picking row `inverse[i]` of the gathered
-    rows gives the very values of row `ids[i]` of the whole table."""
+    """An embedding whose table stays off the device (in the mapped file on the CPU, in host memory
+    on CUDA): before each call, the rows its ids name are read (`read_rows(target, rows)`) and
+    the ids renumbered into them; after it, the placeholder is back. `F.embedding` copies rows,
+    so picking row `inverse[i]` of the gathered rows gives the very values of row `ids[i]`."""
 
-    def __init__(self, owner: nn.Module, attribute: str, target: str, weights: StreamedWeights):
-        self.owner, self.attribute, self.target, self.weights = owner, attribute, target, weights
+    def __init__(self, owner: nn.Module, attribute: str, target: str, read_rows):
+        self.owner, self.attribute, self.target, self.read_rows = owner, attribute, target, read_rows
         self.placeholder = owner._parameters[attribute]
         owner.register_forward_pre_hook(self._enter)
         owner.register_forward_hook(self._exit)
@@ -84,7 +83,7 @@ class RowGather:
     def _enter(self, _module: nn.Module, args: tuple) -> tuple:
         ids, *rest = args
         rows, inverse = torch.unique(ids, return_inverse=True)
-        self.owner._parameters[self.attribute] = nn.Parameter(self.weights.read_rows(self.target, rows),
+        self.owner._parameters[self.attribute] = nn.Parameter(self.read_rows(self.target, rows),
                                                               requires_grad=False)
         return (inverse, *rest)
 
@@ -215,34 +214,44 @@ class BlockStreaming:
     """The "minimal" mode's policy for `checkpoints.load(..., streaming=...)`: which weights
     stream (`stream_group`) and, once loaded, the hooks and transport for `device`."""
 
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, from_host: bool | None = None):
         self.device = torch.device(device)
+        # Where the weights wait: host memory (CUDA's way; also on the CPU for tests of that
+        # path), or the mapped file (the CPU's way). None: as the device goes.
+        self.from_host = self.device.type != "cpu" if from_host is None else from_host
         self.streamer: Streamer | None = None
         self.gathers: list[RowGather] = []
 
     def streams(self, target: str) -> bool:
-        return stream_group(target) is not None or gathers_rows(target, self.device)
+        return stream_group(target) is not None or gathers_rows(target)
 
     def install(self, models: dict[str, nn.Module], weights: StreamedWeights) -> None:
         modules = {f"{component}.{name}" if name else component: module
                    for component, model in models.items() for name, module in model.named_modules()}
         groups: dict[str, Group] = {}
+        gathered: list[tuple[nn.Module, str, str]] = []
         for target in weights.targets:
             name = stream_group(target)
             owner_name, _, attribute = target.rpartition(".")
             owner = modules[owner_name]
             if name is None:  # a gathered embedding (`streams`)
-                self.gathers.append(RowGather(owner, attribute, target, weights))
+                gathered.append((owner, attribute, target))
                 continue
             group = groups.setdefault(name, Group(name))
             group.slots.append((owner, attribute, target))
             group.placeholder[target] = owner._parameters[attribute]
         roots = [module for name, module in modules.items()
                  if any(re.fullmatch(pattern.replace(".", r"\.").replace("*", r"\d+"), name) for pattern in ROOTS)]
-        if self.device.type == "cpu":
+        if not self.from_host:
             transport: MmapTransport | HostTransport = MmapTransport(weights)
+            read_rows = weights.read_rows
         else:
+            tables = {target: weights.read([target])[target].clone() for _, _, target in gathered}
             transport = HostTransport(_host_copy(weights, groups, pin=self.device.type == "cuda"), self.device)
+
+            def read_rows(target: str, rows: torch.Tensor) -> torch.Tensor:
+                return tables[target][rows.cpu()].to(self.device)
+        self.gathers = [RowGather(owner, attribute, target, read_rows) for owner, attribute, target in gathered]
         self.streamer = Streamer(groups, roots, modules, transport)
 
 
@@ -254,6 +263,5 @@ def _host_copy(weights: StreamedWeights, groups: dict[str, Group], pin: bool) ->
         for target, tensor in weights.read(group.targets).items():
             host[target] = tensor.pin_memory() if pin else tensor.clone()
         weights.release(group.targets)
-    if set(host) == set(weights.targets):  # else a gathered embedding still reads from the files
-        weights.close()
+    weights.close()  # everything streamed or gathered is in host memory now
     return host

@@ -38,7 +38,7 @@ def encode_prompt(parts: Components, request: GenerationRequest) -> Conditioning
         encode, negative, options = encode_prompt_plain, request.negative_prompt or None, {}
     else:
         encode, negative, options = encode_prompt_pair, request.negative_prompt, {"pad": "none"}
-    with torch.inference_mode():
+    with torch.inference_mode(), parts.in_use(*parts.text_encoders):
         cond, uncond, pooled_cond, pooled_uncond = encode(
             parts.tokenizers, parts.text_encoders, parts.config.prompt_encodings,
             request.prompt, negative, clip_skip=request.clip_skip, **options)
@@ -153,10 +153,10 @@ def encode_images(parts: Components, pixels: torch.Tensor, generators: list[torc
     `retrieve_latents(vae.encode(image), generator)` does, or the mean when generators is None.
     Images above the plan's `vae_tile_above` pixels are encoded in blended tiles."""
     vae = parts.vae
-    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
     plan = plan or MemoryPlan()
     tiled = should_tile(pixels.shape[-2] * pixels.shape[-1], plan.vae_tile_above)
-    with torch.inference_mode():
+    with torch.inference_mode(), parts.in_use(vae.encoder, vae.quant_conv):
+        device, dtype = next(vae.encoder.parameters()).device, next(vae.encoder.parameters()).dtype
         latents = []
         for i in range(pixels.shape[0]):
             image = pixels[i:i + 1].to(device, dtype)
@@ -179,7 +179,7 @@ def decode_latents(parts: Components, latents: torch.Tensor, plan: MemoryPlan | 
     plan = plan or MemoryPlan()
     f = vae.downscale
     tiled = should_tile(latents.shape[-2] * latents.shape[-1] * f * f, plan.vae_tile_above)
-    with torch.inference_mode():
+    with torch.inference_mode(), parts.in_use(vae.decoder, vae.post_quant_conv):
         out = []
         for i in range(latents.shape[0]):
             z = latents[i:i + 1].to(dtype) / vae.scaling_factor
