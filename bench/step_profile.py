@@ -3,7 +3,7 @@
 host time to launch one UNet call, our pipeline's loop per step, and a profiler table of the
 loop's host-side calls (syncs and copies show up as cudaStreamSynchronize / cudaMemcpyAsync).
 
-    python bench/step_profile.py
+    python bench/step_profile.py [--memory fast]
 """
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ def launch_ms(fn) -> float:
 
 
 def main() -> None:
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--memory", default="balanced", help="the memory mode whose loop is profiled (fast: CUDA graphs)")
+    args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         unet, vae, encoders = build_reference("sd15", "cuda")
         save_diffusers_folder(Path(tmp), "sd15", unet, vae, encoders)
@@ -42,10 +46,9 @@ def main() -> None:
         write_bpe(vocab, merges, Path(tmp) / "tokenizer")
         del unet, vae, encoders
         torch.cuda.empty_cache()
-        pipe = pocketdiffusion.load(tmp, device="cuda")
-        unet = pipe.parts.unet
+        pipe = pocketdiffusion.load(tmp, device="cuda", memory=args.memory)
         x, t, ctx = unet_inputs()
-        call = lambda: unet(x, t, ctx)  # noqa: E731
+        call = lambda: pipe.model_call(x, t, context=ctx)  # noqa: E731  (the call the loop makes)
 
         def call_and_sync():
             call()
@@ -67,16 +70,23 @@ def main() -> None:
         print(f"UNet back to back {back_to_back:.2f} ms/call; synced each call {synced:.2f}; "
               f"host launch of one call {launches[len(launches) // 2]:.2f} ms (median of 10); "
               f"pipeline loop {loop:.2f} ms/step", flush=True)
+        stamps = []  # host time at each yield, no syncs: a sync inside the loop shows as a long gap
+        for step in pipe.run(request):
+            stamps.append(time.perf_counter())
+        torch.cuda.synchronize()
+        print("host ms between yields:", " ".join(f"{1000 * (b - a):.1f}" for a, b in zip(stamps, stamps[1:])),
+              flush=True)
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for step in pipe.run(request):
                 pass
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-        print(table, flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
         names = {e.key: (e.count, e.self_cpu_time_total / 1000) for e in prof.key_averages()}
         for key in ("cudaStreamSynchronize", "cudaMemcpyAsync", "cudaDeviceSynchronize", "aten::item",
-                    "aten::_local_scalar_dense", "aten::copy_", "aten::to", "aten::nonzero"):
+                    "aten::_local_scalar_dense", "aten::copy_", "aten::to", "aten::nonzero", "cudaGraphLaunch",
+                    "cudaStreamWaitEvent", "cudaEventSynchronize"):
             if key in names:
                 print(f"{key}: {names[key][0]} calls, {names[key][1]:.1f} ms host", flush=True)
 

@@ -52,23 +52,26 @@ def load(path: str | os.PathLike = "shapes", device: "str | torch.device | None"
     if torch.device(device).type == "cpu":
         from .memory.cpu_heap import return_freed_memory_to_os
         return_freed_memory_to_os()  # freed activations leave the process at once: a lower, predictable peak
+    on_cuda = torch.device(device).type == "cuda"
     streaming = None
-    if plan.stream_weights:
+    if plan.stream_weights or (plan.stream_text and on_cuda):
         from .memory.streaming import BlockStreaming
-        streaming = BlockStreaming(device)
-    parking = plan.park_idle and torch.device(device).type == "cuda"
-    if torch.device(device).type == "cuda":
+        streaming = BlockStreaming(device, components=None if plan.stream_weights else ("text_encoders",))
+    parking = plan.park_idle and on_cuda
+    if on_cuda:
         from .memory.cuda_allocator import use_expandable_segments
         use_expandable_segments()
-    from .memory.residency import PARKED_COMPONENTS, HostParking
     parts = load_components(model.path, device=device, dtype=dtype or plan.weight_dtype, prediction=prediction,
                             unet_subfolder=model.unet_subfolder, ops=ops_for(plan), streaming=streaming,
-                            host_components=PARKED_COMPONENTS if parking else ())
+                            host_components=("vae",) if parking else ())
     if parking:
-        parts.residency = HostParking(device, [*parts.text_encoders, parts.vae])
+        from .memory.residency import HostParking
+        parts.residency = HostParking(device, [parts.vae])
     if plan.quantize_unet:
         from .memory.quant import quantize_
         quantize_(parts.unet)
+    if on_cuda:
+        torch.cuda.empty_cache()  # what loading (and quantizing) freed goes back, not into the generation's peak
     return Pipeline(parts, name=model.name, plan=plan)
 
 

@@ -115,18 +115,19 @@ def predict(config: ModelConfig, plan: MemoryPlan, device: torch.device | str, w
     if plan.quantize_unet:
         from .quant import quantize_
         quantize_(models["unet"])
-    groups = _group_bytes(models) if plan.stream_weights else {}
-    tables, rows = _gathered_bytes(models, device) if plan.stream_weights else (0, 0)
-    prefetch = plan.stream_weights and device.type == "cuda"  # the next group is on its way meanwhile
+    stream_text = plan.stream_text and device.type == "cuda" and not plan.stream_weights
+    streamed = dict(models) if plan.stream_weights else \
+        {k: m for k, m in models.items() if k.startswith("text_encoders")} if stream_text else {}
+    groups = _group_bytes(streamed)
+    tables, rows = _gathered_bytes(streamed, device)
+    prefetch = bool(streamed) and device.type == "cuda"  # the next group is on its way meanwhile
     resident = sum(_nbytes(models)) - sum(groups.values()) - tables
     text = (_text_working_set(config, dtype) + rows
             + max((b for g, b in groups.items() if g.startswith("text")), default=0))
     decoder = 0
-    if plan.park_idle and device.type == "cuda":  # memory/residency.py: each on the device for its use only
-        encoders = sum(_nbytes({k: m for k, m in models.items() if k.startswith("text_encoders")}))
+    if plan.park_idle and device.type == "cuda":  # memory/residency.py: on the device for its use only
         decoder = sum(_nbytes({"decoder": models["vae"].decoder, "post": models["vae"].post_quant_conv}))
-        resident -= encoders + sum(_nbytes({"vae": models["vae"]}))
-        text += encoders
+        resident -= sum(_nbytes({"vae": models["vae"]}))
     scratch = device.type == "cpu"
     unet = _trace_unet(models["unet"], config, dtype, width, height, batch * (2 if cfg else 1), groups, prefetch,
                        scratch)

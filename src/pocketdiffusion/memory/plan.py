@@ -5,8 +5,9 @@ and whether the VAE works in tiles. The loader builds the models from it; the pi
 Modes (`pocketdiffusion.load(memory=...)`):
 - "fast": balanced with the UNet call replayed from CUDA graphs (speed/cuda_graphs.py) on CUDA;
   the graph's activations stay reserved between calls. Elsewhere the same as balanced.
-- "balanced": fp16 weights on GPUs (fp32 on the CPU); on CUDA only the UNet stays on the device,
-  the text encoders and the VAE come from pinned host memory for their one use each (`park_idle`);
+- "balanced": fp16 weights on GPUs (fp32 on the CPU); on CUDA only the UNet stays on the device:
+  the text encoders stream from pinned host memory layer by layer, the VAE comes from there for
+  its use and decodes above 256x256 pixels in tiles (`park_idle`, `stream_text`);
   SDPA attention on CUDA and the CPU (both
   have blocked flash kernels that never hold the full attention matrix; measured on the 2-core
   CPU at 4096 tokens, SDPA took 0.21 s against 0.53 s for our chunked kernel), chunked attention
@@ -34,9 +35,12 @@ class MemoryPlan:
     quantize_unet: bool = False  # int8 weight-only (memory/quant.py)
     stream_weights: bool = False  # block by block from the file / pinned memory (memory/streaming.py)
     cuda_graphs: bool = False  # replay the UNet call from CUDA graphs (speed/cuda_graphs.py; CUDA, resident weights)
-    # The text encoders and the VAE wait in pinned host memory between their uses, so the UNet's
-    # steps have the device to themselves (memory/residency.py; CUDA).
+    # CUDA, a resident UNet: the VAE waits in pinned host memory between its uses
+    # (memory/residency.py) and the text encoders are streamed layer by layer from there
+    # (memory/streaming.py), so the UNet never shares the device with a whole text encoder
+    # (SDXL's two are 1.5 GiB) or the VAE while it steps.
     park_idle: bool = False
+    stream_text: bool = False
     attention: str = "sdpa"  # "sdpa" or "chunked"
     attention_chunk: int = 1024  # query rows per chunk for "chunked"
     vae_tile_above: int | None = 1024 * 1024  # tile the VAE when an image has more pixels; None = never
@@ -60,7 +64,12 @@ def plan_for(mode: str, device: torch.device | str) -> MemoryPlan:
                           vae_tile=32, vae_tile_overlap=8)
     if mode == "fast":
         return MemoryPlan(mode=mode, attention=attention, cuda_graphs=device.type == "cuda")
-    return MemoryPlan(mode=mode, attention=attention, quantize_unet=mode == "low", park_idle=device.type == "cuda")
+    if device.type == "cuda":
+        # The resident UNet plus an untiled 512x512 decode (~360 MiB of activations in fp16) would
+        # be the peak; in 256-pixel tiles the decode stays below a UNet step's working set.
+        return MemoryPlan(mode=mode, attention=attention, quantize_unet=mode == "low", park_idle=True,
+                          stream_text=True, vae_tile_above=256 * 256, vae_tile=32, vae_tile_overlap=8)
+    return MemoryPlan(mode=mode, attention=attention, quantize_unet=mode == "low")
 
 
 def ops_for(plan: MemoryPlan):

@@ -1,12 +1,13 @@
 """Where a component waits between its uses (DESIGN.md, Memory: "the denoiser stays resident, the
 text encoder and the VAE are loaded for their one use and released").
 
-On CUDA the `balanced` and `low` plans keep the UNet on the device and *park* the text encoders
-and the VAE in pinned host memory: the loader puts their weights there (they never touch the
-device at load), and `HostParking.use(...)` copies them to the device for one use (a prompt's
-encoding, a decode) and drops the device copies after, so the UNet's steps never share the
-device with them. For SD1.5 in fp16 that keeps 235 MiB of CLIP and 160 MiB of VAE off the GPU
-while the UNet runs, for about 16 ms of copies per image (pinned, ~25 GB/s on an H100 host).
+On CUDA the `balanced` and `low` plans keep the UNet on the device and *park* the VAE in pinned
+host memory: the loader puts its weights there (they never touch the device at load), and
+`HostParking.use(...)` copies the half that runs (the decoder, or the encoder) to the device for
+one use and drops the device copies after, so the UNet's steps never share the device with it.
+(The text encoders are streamed layer by layer instead, memory/streaming.py: SDXL's two take
+1.5 GiB, too much to bring whole beside a resident UNet.) For SD1.5 in fp16 the decoder is 95 MiB,
+copied in ~4 ms per image from pinned memory.
 
 The host tensors are never changed (inference only), so releasing is dropping a reference, not
 copying back; the copies are enqueued on the compute stream, so no event is needed.
@@ -18,9 +19,6 @@ from typing import Iterator
 
 import torch
 from torch import nn
-
-PARKED_COMPONENTS = ("text_encoders", "vae")  # what the loader places on the host for a parking plan
-
 
 def _slots(module: nn.Module) -> Iterator[tuple[nn.Module, str, bool]]:
     """Every (owner, attribute, is_parameter) holding a tensor of `module`."""
