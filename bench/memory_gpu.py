@@ -67,8 +67,13 @@ if which.startswith("diffusers"):
     generate = lambda: pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=7.5,
                             width=size, height=size, generator=torch.Generator("cpu").manual_seed(0)).images
 else:
+    import ast
     import pocketdiffusion
-    pipe = pocketdiffusion.load(folder, device="cuda", memory=which)
+    mode, _, changes = which.partition(":")  # a variant: "balanced:vae_tile=24,vae_tile_overlap=6"
+    pipe = pocketdiffusion.load(folder, device="cuda", memory=mode)
+    if changes:
+        pipe.use_plan(pipe.plan.with_(**{k: ast.literal_eval(v) for k, v in
+                                         (item.split("=") for item in changes.split(","))}))
     generate = lambda: pipe.generate(prompt, negative, steps=steps, cfg=7.5, sampler="euler", seed=0,
                                      width=size, height=size)
 torch.cuda.synchronize()
@@ -85,12 +90,22 @@ for _ in range(repeats):
     images = generate()
     torch.cuda.synchronize()
     times.append(time.perf_counter() - start)
+reserved, allocated = torch.cuda.max_memory_reserved(), torch.cuda.max_memory_allocated()
+phases = {}  # ours: the allocated peak of each phase, from one more (untimed) image
+if not which.startswith("diffusers"):
+    torch.cuda.reset_peak_memory_stats()
+    run = pipe.run(pocketdiffusion.GenerationRequest(prompt=prompt, negative_prompt=negative, steps=steps, cfg=7.5,
+                                                     sampler="euler", seed=0, width=size, height=size))
+    for step in run:
+        if step.index in (0, steps - 1):
+            phases["text + step 1" if step.index == 0 else "steps"] = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+    phases["decode"] = torch.cuda.max_memory_allocated()
 import numpy as np
 pixels = np.asarray(images[0])
 print(json.dumps({"which": which, "arch": arch, "size": size, "steps": steps,
-                  "reserved": torch.cuda.max_memory_reserved(), "allocated": torch.cuda.max_memory_allocated(),
-                  "whole_reserved": max(whole_reserved, torch.cuda.max_memory_reserved()),
-                  "whole_allocated": max(whole_allocated, torch.cuda.max_memory_allocated()),
+                  "reserved": reserved, "allocated": allocated, "phases": phases,
+                  "whole_reserved": max(whole_reserved, reserved), "whole_allocated": max(whole_allocated, allocated),
                   "s_per_image": statistics.median(times), "times": times, "load_s": loaded - t0,
                   "first_image_s": first_image_s, "finite": bool(np.isfinite(pixels).all()),
                   "mean_pixel": float(pixels.mean()), "device": torch.cuda.get_device_name(),
@@ -149,7 +164,8 @@ def print_table(results: list[dict]) -> None:
         print(f"{r['arch']:5s} {r['size']:5d} {label(r['which']):42s} {r['reserved'] / MIB:12.0f} "
               f"{r['allocated'] / MIB:10.0f} {r['whole_reserved'] / MIB:10.0f} {r['s_per_image']:8.3f} "
               f"{1000 * r['s_per_image'] / r['steps']:8.1f} {r['first_image_s']:8.2f} {r['load_s']:7.1f}"
-              + ("" if r["finite"] else "  (non-finite pixels!)"))
+              + ("" if r["finite"] else "  (non-finite pixels!)")
+              + ("  phases " + ", ".join(f"{k} {v / MIB:.0f}" for k, v in r["phases"].items()) if r.get("phases") else ""))
 
 
 def plot_growth(results: list[dict], path: Path) -> None:
@@ -191,13 +207,18 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=None, help="image side (default: 512 for sd15, 1024 for sdxl)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=2, help="timed images per row, after one warm-up")
-    ap.add_argument("--modes", nargs="+", default=[*OURS, *THEIRS], choices=[*OURS, *THEIRS])
+    ap.add_argument("--modes", nargs="+", default=[*OURS, *THEIRS],
+                    help=f"rows: {', '.join(OURS + THEIRS)}, or a variant of ours, mode:field=value,... "
+                         "(MemoryPlan fields, e.g. balanced:vae_tile=24,vae_tile_overlap=6)")
     ap.add_argument("--growth", type=int, nargs="+", default=None,
                     help="run every mode at each of these sides instead of --size (the memory-growth plot)")
     ap.add_argument("--folder", type=Path, default=None, help="keep the model here (written if missing)")
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     ap.add_argument("--plot", type=Path, default=None, help="with --growth: write the plot here (PNG)")
     args = ap.parse_args()
+    for which in args.modes:
+        if which not in THEIRS and which.partition(":")[0] not in OURS:
+            ap.error(f"--modes: unknown row {which!r}")
     folder = args.folder or Path(tempfile.mkdtemp(prefix=f"{args.arch}_gpu_"))
     sizes = args.growth or [args.size or (1024 if args.arch == "sdxl" else 512)]
     results = []

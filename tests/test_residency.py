@@ -37,9 +37,8 @@ def test_use_brings_the_weights_and_puts_the_same_host_tensors_back():
 def test_an_error_inside_use_still_puts_the_weights_back():
     module = _module()
     parking = HostParking("meta", [module])
-    with pytest.raises(RuntimeError, match="boom"):
-        with parking.use(module):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), parking.use(module):
+        raise RuntimeError("boom")
     assert all(t.device.type == "cpu" for t in module.parameters())
 
 
@@ -50,7 +49,8 @@ def test_weights_already_on_a_device_are_refused():
 
 
 def test_which_plans_park():
-    assert plan_for("balanced", "cuda").park_idle and plan_for("low", "cuda").park_idle
-    assert not plan_for("fast", "cuda").park_idle  # all resident, graphs replay
+    for mode in ("fast", "balanced", "low"):  # fast: balanced's residency, plus CUDA graphs
+        assert plan_for(mode, "cuda").park_idle and plan_for(mode, "cuda").stream_text
+    assert plan_for("fast", "cuda").cuda_graphs and not plan_for("balanced", "cuda").cuda_graphs
     assert not plan_for("minimal", "cuda").park_idle  # streamed instead
     assert not plan_for("balanced", "cpu").park_idle  # nowhere to park on the CPU

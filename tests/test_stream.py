@@ -9,7 +9,7 @@ import torch
 
 import ckpt_fixtures as fx
 from pocketdiffusion.checkpoints import load
-from pocketdiffusion.memory.streaming import BlockStreaming, HostTransport, stream_group
+from pocketdiffusion.memory.streaming import PACK_ALIGN, BlockStreaming, HostTransport, stream_group
 
 
 def _write(tmp_path, kind="sd1", suffix=".safetensors", dtype=torch.float32):
@@ -118,7 +118,12 @@ def test_host_transport_copies_exactly(tmp_path):
     resident = load(path, dtype=torch.float32)
     policy = BlockStreaming("cpu", from_host=True)
     parts = load(path, dtype=torch.float32, streaming=policy)
-    assert isinstance(policy.streamer.transport, HostTransport)
+    transport = policy.streamer.transport
+    assert isinstance(transport, HostTransport)
+    # one packed buffer per group (one copy per group), every tensor on an aligned offset
+    assert set(transport.packs) == set(policy.streamer.groups)
+    offsets = [offset for pack in transport.packs.values() for offset, _, _ in pack.layout.values()]
+    assert offsets and all(offset % PACK_ALIGN == 0 for offset in offsets)
     expected = _outputs(resident)
     for _ in range(2):
         assert all(torch.equal(a, b) for a, b in zip(expected, _outputs(parts)))

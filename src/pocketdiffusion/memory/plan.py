@@ -3,8 +3,10 @@ weights live, whether they are int8-quantized, which attention kernel runs and i
 and whether the VAE works in tiles. The loader builds the models from it; the pipelines read it.
 
 Modes (`pocketdiffusion.load(memory=...)`):
-- "fast": balanced with the UNet call replayed from CUDA graphs (speed/cuda_graphs.py) on CUDA;
-  the graph's activations stay reserved between calls. Elsewhere the same as balanced.
+- "fast": balanced with the UNet compiled (speed/compile.py) and its call replayed from CUDA graphs
+  (speed/cuda_graphs.py) on CUDA (the same residency as balanced there); the graph's activations
+  stay reserved between calls.
+  Elsewhere the same as balanced.
 - "balanced": fp16 weights on GPUs (fp32 on the CPU); on CUDA only the UNet stays on the device:
   the text encoders stream from pinned host memory layer by layer, the VAE comes from there for
   its use and decodes above 256x256 pixels in tiles (`park_idle`, `stream_text`);
@@ -41,6 +43,7 @@ class MemoryPlan:
     # (SDXL's two are 1.5 GiB) or the VAE while it steps.
     park_idle: bool = False
     stream_text: bool = False
+    compile: bool = False  # torch.compile the UNet (speed/compile.py; CUDA, with cuda_graphs in `fast`)
     attention: str = "sdpa"  # "sdpa" or "chunked"
     attention_chunk: int = 1024  # query rows per chunk for "chunked"
     vae_tile_above: int | None = 1024 * 1024  # tile the VAE when an image has more pixels; None = never
@@ -62,13 +65,14 @@ def plan_for(mode: str, device: torch.device | str) -> MemoryPlan:
         # then about a sixth of a whole 512x512 decode's, in line with one streamed block.
         return MemoryPlan(mode=mode, attention=attention, stream_weights=True, vae_tile_above=0,
                           vae_tile=32, vae_tile_overlap=8)
-    if mode == "fast":
-        return MemoryPlan(mode=mode, attention=attention, cuda_graphs=device.type == "cuda")
     if device.type == "cuda":
+        # fast is balanced with the UNet call replayed from CUDA graphs: same residency, so its
+        # peak is balanced's plus the graph pool's activations.
         # The resident UNet plus an untiled 512x512 decode (~360 MiB of activations in fp16) would
         # be the peak; in 256-pixel tiles the decode stays below a UNet step's working set.
         return MemoryPlan(mode=mode, attention=attention, quantize_unet=mode == "low", park_idle=True,
-                          stream_text=True, vae_tile_above=256 * 256, vae_tile=32, vae_tile_overlap=8)
+                          stream_text=True, vae_tile_above=256 * 256, vae_tile=32, vae_tile_overlap=8,
+                          cuda_graphs=mode == "fast", compile=mode == "fast")
     return MemoryPlan(mode=mode, attention=attention, quantize_unet=mode == "low")
 
 
@@ -94,7 +98,7 @@ def lower_plan(plan: MemoryPlan) -> MemoryPlan | None:
     size; None when there is nothing lower left to try. (A streamed plan is the lowest there is:
     its int8 counterpart would hold the whole UNet resident.)"""
     if plan.cuda_graphs or plan.mode == "fast":  # first give up the graphs' reserved activations
-        return plan.with_(mode="balanced", cuda_graphs=False)
+        return plan.with_(mode="balanced", cuda_graphs=False, compile=False)
     if plan.stream_weights:
         return plan.with_(vae_tile_above=0) if plan.vae_tile_above != 0 else None
     if not plan.quantize_unet:

@@ -27,6 +27,7 @@ the schedule, only on the values, which are read by the same code as a resident 
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,33 +132,34 @@ class MmapTransport:
 class HostTransport:
     """A group's weights are copied from CPU memory (pinned, on CUDA) to the device when it runs.
 
-    On CUDA the copy runs on a side stream: `start` enqueues it and records an event, `finish`
-    makes the compute stream wait for that event and marks the tensors as used by the compute
-    stream (`record_stream`), so the caching allocator never hands their memory to a later copy
-    while a kernel may still read them. Elsewhere (the CPU, tests) it copies synchronously."""
+    Each group's weights sit packed in one host buffer (`pack_groups`), so a group is one copy,
+    not one per tensor: SD1.5's UNet has ~690 tensors, and as many small copies a step left the
+    minimal mode's copies at ~34 GB/s. On CUDA the copy runs on a side stream: `start` enqueues it
+    and records an event, `finish` makes the compute stream wait for that event. Elsewhere (the
+    CPU, tests) it copies synchronously."""
 
-    def __init__(self, host: dict[str, torch.Tensor], device: torch.device):
-        self.host, self.device = host, device
+    def __init__(self, packs: dict[str, "Pack"], device: torch.device):
+        self.packs, self.device = packs, device
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def start(self, group: Group) -> tuple[dict[str, torch.Tensor], Any]:
+        pack = self.packs[group.name]
         if self.copy_stream is None:
-            return {t: self.host[t].to(self.device, copy=True) for t in group.targets}, None
-        # The device buffers come from the compute stream's pool, not the copy stream's: the caching
+            return pack.views(pack.buffer.to(self.device, copy=True)), None
+        # The device buffer comes from the compute stream's pool, not the copy stream's: the caching
         # allocator keeps a pool per stream, and buffers born on the side stream and freed on the
         # compute one left the minimal mode's reserved peak at 3x its allocated peak (948 vs 313 MiB,
         # SD1.5 512x512, docs/BENCHMARKS.md). A buffer may be memory the compute stream freed
         # moments ago and still reads in queued kernels, so the copy waits for the compute stream's
         # work queued so far: that is group n-1's, while the copy overlaps group n.
         compute = torch.cuda.current_stream(self.device)
-        tensors = {t: torch.empty_like(self.host[t], device=self.device) for t in group.targets}
+        buffer = torch.empty_like(pack.buffer, device=self.device)
         self.copy_stream.wait_stream(compute)
         with torch.cuda.stream(self.copy_stream):
-            for target, tensor in tensors.items():
-                tensor.copy_(self.host[target], non_blocking=True)
+            buffer.copy_(pack.buffer, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(self.copy_stream)
-        return tensors, copied
+        return pack.views(buffer), copied
 
     def finish(self, group: Group, handle: Any) -> dict[str, torch.Tensor]:
         tensors, copied = handle if handle is not None else self.start(group)
@@ -166,8 +168,27 @@ class HostTransport:
         return tensors
 
     def release(self, group: Group) -> None:
-        """Nothing to give back here: the device copies are freed with their last reference
-        (Group.clear drops it), and the pinned host copies stay for the next pass."""
+        """Nothing to give back here: the device copy is freed with its last view (Group.clear
+        drops them), and the pinned host pack stays for the next pass."""
+
+
+PACK_ALIGN = 256  # bytes: every tensor of a pack starts on a boundary fit for vectorized loads
+
+
+@dataclass
+class Pack:
+    """A group's weights in one byte buffer: target -> (offset, dtype, shape)."""
+
+    buffer: torch.Tensor  # uint8
+    layout: dict[str, tuple[int, torch.dtype, tuple[int, ...]]]
+
+    def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensors inside `buffer` (this pack's bytes, on any device)."""
+        out = {}
+        for target, (offset, dtype, shape) in self.layout.items():
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            out[target] = buffer[offset:offset + nbytes].view(dtype).view(shape)
+        return out
 
 
 class Streamer:
@@ -260,7 +281,7 @@ class BlockStreaming:
             read_rows = weights.read_rows
         else:
             tables = {target: weights.read([target])[target].clone() for _, _, target in gathered}
-            transport = HostTransport(_host_copy(weights, groups, pin=self.device.type == "cuda"), self.device)
+            transport = HostTransport(pack_groups(weights, groups, pin=self.device.type == "cuda"), self.device)
 
             def read_rows(target: str, rows: torch.Tensor) -> torch.Tensor:
                 return tables[target][rows.cpu()].to(self.device)
@@ -268,13 +289,22 @@ class BlockStreaming:
         self.streamer = Streamer(groups, roots, modules, transport)
 
 
-def _host_copy(weights: StreamedWeights, groups: dict[str, Group], pin: bool) -> dict[str, torch.Tensor]:
-    """Every streamed weight in (pinned) CPU memory, read group by group so that the file's pages
-    never pile up; the files are closed after."""
-    host = {}
+def pack_groups(weights: StreamedWeights, groups: dict[str, Group], pin: bool) -> dict[str, Pack]:
+    """Every group's weights packed in one (pinned) host buffer, read group by group so that the
+    file's pages never pile up; the files are closed after."""
+    packs = {}
     for group in groups.values():
-        for target, tensor in weights.read(group.targets).items():
-            host[target] = tensor.pin_memory() if pin else tensor.clone()
+        tensors = weights.read(group.targets)
+        layout, size = {}, 0
+        for target, tensor in tensors.items():
+            size = -(-size // PACK_ALIGN) * PACK_ALIGN
+            layout[target] = (size, tensor.dtype, tuple(tensor.shape))
+            size += tensor.numel() * tensor.element_size()
+        pack = Pack(torch.empty(size, dtype=torch.uint8, pin_memory=pin), layout)
+        for target, view in pack.views(pack.buffer).items():
+            view.copy_(tensors[target])
+        packs[group.name] = pack
+        del tensors
         weights.release(group.targets)
     weights.close()  # everything streamed or gathered is in host memory now
-    return host
+    return packs

@@ -72,8 +72,9 @@ class Schedule:
 
 
 def _unet_call(unet):
-    """Adapt the UNet to the sampling contract `model(x_in, t, **cond)`. `concat` (9-channel
-    inpainting: mask + masked-image latents) is appended after c_in scaling, as diffusers does."""
+    """Adapt the UNet (a module, or a function with its signature) to the sampling contract
+    `model(x_in, t, **cond)`. `concat` (9-channel inpainting: mask + masked-image latents) is
+    appended after c_in scaling, as diffusers does."""
     def call(x_in: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor, y: torch.Tensor | None = None,
              concat: torch.Tensor | None = None) -> torch.Tensor:
         if concat is not None:
@@ -82,10 +83,15 @@ def _unet_call(unet):
     return call
 
 
-def model_call(parts: Components, cuda_graphs: bool = False):
-    """The UNet as `model(x_in, t, **cond)`: eager, or replayed from CUDA graphs (the caller
-    keeps the object across runs, so that a graph is captured once per signature)."""
-    call = _unet_call(parts.unet)
+def model_call(parts: Components, cuda_graphs: bool = False, compile: bool = False):
+    """The UNet as `model(x_in, t, **cond)`: eager or compiled (speed/compile.py), and replayed from
+    CUDA graphs or not (the caller keeps the object across runs, so that a graph is captured, and
+    the UNet compiled, once per signature)."""
+    unet = parts.unet
+    if compile:
+        from ..speed.compile import compile_unet
+        unet = compile_unet(parts.unet)
+    call = _unet_call(unet)
     if cuda_graphs:
         from ..speed import GraphedModel
         return GraphedModel(call)

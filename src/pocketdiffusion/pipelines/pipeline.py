@@ -175,10 +175,11 @@ class Pipeline:
         self.model_call = self._model_call()
 
     def _model_call(self):
-        """The UNet call the denoisers use: from CUDA graphs when the plan asks and the UNet is on
-        CUDA (graphs are kept here, across runs), else eager."""
+        """The UNet call the denoisers use: compiled and/or from CUDA graphs when the plan asks and
+        the UNet is on CUDA (kept here, across runs), else eager."""
         on_cuda = next(self.parts.unet.parameters()).device.type == "cuda"
-        return model_call(self.parts, cuda_graphs=self.plan.cuda_graphs and on_cuda)
+        return model_call(self.parts, cuda_graphs=self.plan.cuda_graphs and on_cuda,
+                          compile=self.plan.compile and on_cuda)
 
     def use_plan(self, plan: MemoryPlan) -> None:
         """Switch to another memory plan in place (quantizing the UNet if it asks for int8)."""
