@@ -80,7 +80,9 @@ class Reference:
         config = tiny_config(kind)
         write_diffusers_folder(folder, config, diffusers_models(config), prediction_type=prediction_type)
         self.prediction_type = prediction_type
-        self.ours = pocketdiffusion.load(folder, device="cpu")
+        # fp32 weights, as diffusers': on the CPU `balanced` stores the UNet's in fp16 (memory/store16.py),
+        # which moves the pictures by fp16 rounding (measured mean 0.14 levels), beyond this file's bounds.
+        self.ours = pocketdiffusion.load(folder, device="cpu", dtype=torch.float32)
         # The fixture folder has vocab.json/merges.txt but no tokenizer_config.json: state the
         # length and the pad token the folder's special_tokens_map.json would give.
         tokenizers = {}

@@ -38,7 +38,7 @@ def load(path: str | os.PathLike = "shapes", device: "str | torch.device | None"
 
     from .catalog import resolve
     from .checkpoints import load as load_components
-    from .memory.plan import ops_for, plan_for
+    from .memory.plan import ops_for, plan_for, streamed_components, swap_layers_for
     from .pipelines.pipeline import Pipeline
 
     if memory not in MEMORY_MODES:
@@ -49,27 +49,27 @@ def load(path: str | os.PathLike = "shapes", device: "str | torch.device | None"
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = resolve(path)
     plan = plan_for(memory, device)
+    if dtype is not None:  # the weights in the dtype asked for, not a 16-bit store of them
+        plan = plan.with_(unet_store=None)
     if torch.device(device).type == "cpu":
         from .memory.cpu_heap import return_freed_memory_to_os
         return_freed_memory_to_os()  # freed activations leave the process at once: a lower, predictable peak
     on_cuda = torch.device(device).type == "cuda"
     streaming = None
-    if plan.stream_weights or (plan.stream_text and on_cuda):
+    components = streamed_components(plan)
+    if components != ():
         from .memory.streaming import BlockStreaming
-        streaming = BlockStreaming(device, components=None if plan.stream_weights else ("text_encoders",))
+        streaming = BlockStreaming(device, components=components)
     parking = plan.park_idle and on_cuda
     if on_cuda:
         from .memory.cuda_allocator import use_expandable_segments
         use_expandable_segments()
     parts = load_components(model.path, device=device, dtype=dtype or plan.weight_dtype, prediction=prediction,
                             unet_subfolder=model.unet_subfolder, ops=ops_for(plan), streaming=streaming,
-                            host_components=("vae",) if parking else ())
+                            host_components=("vae",) if parking else (), swap_layers=swap_layers_for(plan))
     if parking:
         from .memory.residency import HostParking
         parts.residency = HostParking(device, [parts.vae])
-    if plan.quantize_unet:
-        from .memory.quant import quantize_
-        quantize_(parts.unet)
     if on_cuda:
         torch.cuda.empty_cache()  # what loading (and quantizing) freed goes back, not into the generation's peak
     return Pipeline(parts, name=model.name, plan=plan)

@@ -8,7 +8,10 @@ any weight is read, so a bad file fails in milliseconds.
 
 Memory: the models are built on the meta device (no allocation), then the weights are read one
 tensor at a time, converted to the target dtype/device and put in place, so the peak is the
-model in its target dtype plus one tensor.
+model in its target dtype plus one tensor. A memory plan may first swap layers of the meta models
+(`swap_layers`: int8 in memory/quant.py, 16-bit storage in memory/store16.py); such a layer takes
+its weight through `load_weight` as the weight is read, and the file's pages of that tensor are
+dropped at once, so a quantized model never holds its float weights all together.
 """
 from __future__ import annotations
 
@@ -91,7 +94,8 @@ class Components:
 def load(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
          *, prediction: str | None = None, config: ModelConfig | None = None, ops: Ops = DEFAULT_OPS,
          unet_subfolder: str = "unet", streaming: Streaming | None = None,
-         host_components: tuple[str, ...] = ()) -> Components:
+         host_components: tuple[str, ...] = (),
+         swap_layers: Callable[[dict[str, nn.Module]], None] | None = None) -> Components:
     """Load a Stable Diffusion 1.x / 2.x / XL model (base or inpainting).
 
     `path`: a single `.safetensors` / `.ckpt` file in the LDM layout (what A1111, ComfyUI and
@@ -104,6 +108,9 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     inpainting UNet in `unet_inpaint/` beside the shared text encoder and VAE).
     `streaming` (the "minimal" memory mode, memory/streaming.py) leaves the weights it claims
     in their files, read when their block runs (checkpoints/stream.py).
+    `swap_layers(models)` changes the models' layers on the meta device before any weight is read
+    ({"unet": ..., "vae": ..., "text_encoders.0": ...}); a layer with `load_weight(tensor)` (and
+    `weight_shape`, `stored_buffers`) is given its float weight, in `dtype`, through it.
     `host_components` ("text_encoders", "vae") are placed in CPU memory whatever `device` is
     (in `dtype`): a plan that parks them there between uses (memory/residency.py) never has
     them on the device at load.
@@ -138,7 +145,14 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
         if prediction is not None:
             config = with_prediction(config, prediction)
         models = _build_on_meta(config, ops)
+        if swap_layers is not None:
+            swap_layers(models)
         slots = _slots(models)
+        if streaming is not None:
+            both = [target for target, slot in slots.items() if slot.through_layer and streaming.streams(target)]
+            if both:
+                raise ValueError(f"{both[0]} is both streamed and taken by a swapped layer: a streamed weight is "
+                                 "put in place as it is read, never through a layer's load_weight")
         _check_plan(sources, slots, f"the {config.family} architecture "
                     f"{'given as config' if given_config else 'detected from its shapes'}")
         for source in sources:
@@ -289,19 +303,25 @@ class Slot:
     name: str
     is_parameter: bool
     shape: tuple[int, ...]
+    through_layer: bool = False  # given to `module.load_weight` (a swapped layer's stored form)
 
 
 def _slots(models: dict[str, nn.Module]) -> dict[str, Slot]:
-    """{target key: where it goes} for every parameter and persistent buffer (the state dict)."""
+    """{target key: where it goes} for every parameter and persistent buffer (the state dict); a
+    swapped layer's stored buffers are one `<name>.weight` slot, filled through its `load_weight`."""
     slots = {}
     for component, model in models.items():
         for module_name, module in model.named_modules():
             prefix = f"{component}.{module_name}." if module_name else f"{component}."
+            stored: tuple[str, ...] = ()
+            if callable(getattr(module, "load_weight", None)):
+                stored = tuple(module.stored_buffers)
+                slots[prefix + "weight"] = Slot(module, "weight", False, tuple(module.weight_shape), True)
             for name, tensor in module._parameters.items():
                 if tensor is not None:
                     slots[prefix + name] = Slot(module, name, True, tuple(tensor.shape))
             for name, tensor in module._buffers.items():
-                if tensor is not None and name not in module._non_persistent_buffers_set:
+                if tensor is not None and name not in module._non_persistent_buffers_set and name not in stored:
                     slots[prefix + name] = Slot(module, name, False, tuple(tensor.shape))
     return slots
 
@@ -380,15 +400,23 @@ def _load_source(source: WeightSource, slots: dict[str, Slot], device: torch.dev
             if mapped and mapped[0][0].split(".", 1)[0] in host_components:
                 place = torch.device("cpu")
         tensor = source.tensors.get(key, dtype=dtype if floating else None, device=place)
+        kept = False  # whether a slot holds the tensor itself (possibly a view of the mapped file)
         for target, value in source.mapper(key, tensor):
             if target in skip:
                 continue
             slot = slots[target]
-            if slot.is_parameter:
+            if slot.through_layer:
+                slot.module.load_weight(value)  # its own converted copy
+            elif slot.is_parameter:
                 slot.module._parameters[slot.name] = nn.Parameter(value, requires_grad=False)
+                kept = True
             else:
                 slot.module._buffers[slot.name] = value
+                kept = True
         del tensor
+        if not kept and not skip:
+            value = None  # the last view of the file's bytes, before its pages go
+            source.tensors.release(key)  # only converted copies were kept: the file's pages can go
 
 
 def _put_placeholders(streamed: StreamedWeights, slots: dict[str, Slot], device: torch.device,

@@ -9,13 +9,16 @@ Modes (`pocketdiffusion.load(memory=...)`):
   Elsewhere the same as balanced.
 - "balanced": fp16 weights on GPUs (fp32 on the CPU); on CUDA only the UNet stays on the device:
   the text encoders stream from pinned host memory layer by layer, the VAE comes from there for
-  its use and decodes above 256x256 pixels in tiles (`park_idle`, `stream_text`);
+  its use and decodes above 256x256 pixels in tiles (`park_idle`, `stream_text`); on the CPU the
+  UNet's weights are stored in fp16 and computed in fp32 (`unet_store`, memory/store16.py) and the
+  text encoders and the VAE stream block by block from the mapped file (`stream_text`, `stream_vae`);
   SDPA attention on CUDA and the CPU (both
   have blocked flash kernels that never hold the full attention matrix; measured on the 2-core
   CPU at 4096 tokens, SDPA took 0.21 s against 0.53 s for our chunked kernel), chunked attention
   with in-place softmax on MPS; the VAE tiled above `vae_tile_above` pixels.
 - "low": as balanced, with int8 weight-only per-output-channel quantization of the UNet's
-  linears and convolutions, dequantized per layer on use.
+  linears and convolutions, dequantized per layer on use; quantized tensor by tensor as the file is
+  read (`swap_layers_for`), so the float UNet never exists whole.
 - "minimal": the weights streamed block by block (memory/streaming.py: from the mapped file on
   the CPU, from pinned CPU memory with a prefetching side stream on CUDA) and the VAE always tiled.
 
@@ -44,6 +47,12 @@ class MemoryPlan:
     park_idle: bool = False
     stream_text: bool = False
     compile: bool = False  # torch.compile the UNet (speed/compile.py; CUDA, with cuda_graphs in `fast`)
+    # The UNet's linear and conv weights kept in this 16-bit dtype and upcast to the compute dtype
+    # per layer on use (memory/store16.py; the CPU's balanced plan: fp16, half of fp32's bytes).
+    unet_store: torch.dtype | None = None
+    # The VAE's weights stream block by block for its one use (memory/streaming.py; on the CPU from
+    # the mapped file, as the text encoders do there with `stream_text`), never resident.
+    stream_vae: bool = False
     attention: str = "sdpa"  # "sdpa" or "chunked"
     attention_chunk: int = 1024  # query rows per chunk for "chunked"
     vae_tile_above: int | None = 1024 * 1024  # tile the VAE when an image has more pixels; None = never
@@ -73,7 +82,33 @@ def plan_for(mode: str, device: torch.device | str) -> MemoryPlan:
         return MemoryPlan(mode=mode, attention=attention, quantize_unet=mode == "low", park_idle=True,
                           stream_text=True, vae_tile_above=256 * 256, vae_tile=32, vae_tile_overlap=8,
                           cuda_graphs=mode == "fast", compile=mode == "fast")
+    if device.type == "cpu":
+        # Only the UNet is resident, in fp16 (balanced, fast) or int8 (low), computing in fp32; the
+        # text encoders and the VAE stay in the mapped file and stream block by block for their one
+        # use each (zero-copy views of the file's pages, dropped after each block).
+        return MemoryPlan(mode=mode, attention=attention, quantize_unet=mode == "low",
+                          unet_store=None if mode == "low" else torch.float16, stream_text=True, stream_vae=True)
     return MemoryPlan(mode=mode, attention=attention, quantize_unet=mode == "low")
+
+
+def swap_layers_for(plan: MemoryPlan):
+    """What `checkpoints.load(swap_layers=...)` does to the meta models under this plan: the UNet's
+    layers int8 (memory/quant.py) or stored in 16 bits (memory/store16.py); None: nothing."""
+    if plan.quantize_unet:
+        from .quant import quantize_
+        return lambda models: quantize_(models["unet"])
+    if plan.unet_store is not None:
+        from .store16 import store16_
+        return lambda models: store16_(models["unet"], plan.unet_store)
+    return None
+
+
+def streamed_components(plan: MemoryPlan) -> tuple[str, ...] | None:
+    """The components whose weights stream under this plan (`BlockStreaming(components=...)`):
+    None for all of them (minimal), () for none."""
+    if plan.stream_weights:
+        return None
+    return tuple(name for name, on in (("text_encoders", plan.stream_text), ("vae", plan.stream_vae)) if on)
 
 
 def ops_for(plan: MemoryPlan):

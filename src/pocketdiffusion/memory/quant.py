@@ -53,7 +53,8 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     # fp16 can flush a tiny scale to 0: keep it positive so the division below stays finite.
     scale = torch.where(scale > 0, scale, torch.finfo(scale.dtype).tiny)
     per_row = scale.float().view(-1, *([1] * (w.ndim - 1)))  # (out, 1, ...) broadcast over the input dims
-    q = torch.round(w / per_row).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    # One fp32 temporary the size of the weight (rounded and clamped in place), then the int8 copy.
+    q = (w / per_row).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 
 
@@ -66,7 +67,14 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
 # ---- the layers -----------------------------------------------------------------------------------
 
 class _Int8Weight(nn.Module):
-    """What both int8 layers share: the buffers, their dequantization, the bias."""
+    """What both int8 layers share: the buffers, their dequantization, the bias.
+
+    The loader's protocol (checkpoints/load.py): a layer swapped in on the meta device before
+    loading takes its float weight through `load_weight` as it is read from the file, so a model
+    is quantized tensor by tensor and its float weights never all exist at once. The file's key
+    stays `<name>.weight` (of `weight_shape`); `stored_buffers` are what `load_weight` fills."""
+
+    stored_buffers = ("weight_int8", "weight_scale")
 
     def _init_weight(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         q, scale = quantize_per_channel(weight)
@@ -74,6 +82,19 @@ class _Int8Weight(nn.Module):
         self.register_buffer("weight_scale", scale)
         # The float layer's own bias Parameter: the same tensor, dtype and device (no copy).
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, False)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.weight_int8.shape)
+
+    @torch.no_grad()
+    def load_weight(self, weight: torch.Tensor) -> None:
+        """Quantize `weight` (the float weight of this layer's shape) into the int8 buffers: the very
+        values `from_float` gives a float layer holding it."""
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"{type(self).__name__}.load_weight expects a weight of shape {self.weight_shape}, "
+                             f"got {tuple(weight.shape)}")
+        self._buffers["weight_int8"], self._buffers["weight_scale"] = quantize_per_channel(weight)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight this layer computes with (`dtype`: default the scales' dtype)."""
@@ -176,6 +197,9 @@ def _bytes(*tensors: torch.Tensor | None) -> int:
 
 
 def _quantizable(module: nn.Module, parent: nn.Module) -> bool:
+    from .store16 import STORED16_LAYERS  # a 16-bit-stored layer (balanced on the CPU) quantizes as its float one
+    if isinstance(module, STORED16_LAYERS):
+        return True
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         return False
     if isinstance(module.weight, nn.parameter.UninitializedParameter):
@@ -184,10 +208,22 @@ def _quantizable(module: nn.Module, parent: nn.Module) -> bool:
     return not isinstance(parent, nn.MultiheadAttention)
 
 
+def _int8_of(layer: nn.Module) -> nn.Module:
+    from .store16 import Stored16Conv2d, Stored16Linear
+    if isinstance(layer, Stored16Linear):  # its stored weight, exactly, in fp32 (scales in fp32)
+        return Int8Linear(layer.weight.float(), layer.bias)
+    if isinstance(layer, Stored16Conv2d):
+        conv = Int8Conv2d(layer.weight.float(), layer.bias, stride=layer.stride, padding=layer.padding,
+                          dilation=layer.dilation, groups=layer.groups, padding_mode=layer.padding_mode)
+        conv._reversed_padding_repeated_twice = layer._reversed_padding_repeated_twice
+        return conv
+    return (Int8Linear if isinstance(layer, nn.Linear) else Int8Conv2d).from_float(layer)
+
+
 def quantize_(model: nn.Module, *, min_params: int = 4096,
               skip: Callable[[str, nn.Module], bool] | None = None) -> QuantReport:
-    """Replace IN PLACE every `nn.Linear` / `nn.Conv2d` below `model` that has at least `min_params`
-    weight elements (and that `skip(dotted_name, layer)` does not claim) by its int8 counterpart.
+    """Replace IN PLACE every `nn.Linear` / `nn.Conv2d` (or 16-bit-stored layer, memory/store16.py) below
+    `model` that has at least `min_params` weight elements (and that `skip(dotted_name, layer)` does not claim) by its int8 counterpart.
     Names are kept; the float weights are released as each layer is replaced (one layer's worth of
     extra memory at a time). Layers already int8 are left as they are, so running it twice is
     harmless. Works on any device and floating dtype, inside `torch.inference_mode()` or not."""
@@ -215,7 +251,7 @@ def quantize_(model: nn.Module, *, min_params: int = 4096,
         if id(child) not in replaced:
             if child.weight.numel() < min_params or (skip is not None and skip(name, child)):
                 continue
-            int8 = (Int8Linear if isinstance(child, nn.Linear) else Int8Conv2d).from_float(child)
+            int8 = _int8_of(child)
             int8.train(child.training)
             replaced[id(child)] = int8
             layers += 1
