@@ -30,27 +30,40 @@ def _nbytes(*modules):
 def test_balanced_keeps_only_the_unet_on_the_device(reference):
     pipe = pocketdiffusion.load("shapes", device="cuda", memory="balanced")
     parts = pipe.parts
-    assert all(p.device.type == "cpu" and p.is_pinned() for p in parts.vae.parameters())
-    # the text encoders stream layer by layer: between calls only empty placeholders are left
-    streamed = [p for p in parts.text_encoders[0].text_model.encoder.parameters()]
-    assert streamed and all(p.numel() == 0 for p in streamed)
+
+    def streamed_left():  # the text encoders' layers and the VAE's blocks: empty placeholders between uses
+        layers = [*parts.text_encoders[0].text_model.encoder.parameters(), *parts.vae.decoder.up.parameters()]
+        return sum(p.numel() for p in layers), len(layers)
+
+    assert streamed_left()[0] == 0 and streamed_left()[1] > 0
     assert next(parts.unet.parameters()).is_cuda
     torch.cuda.synchronize()
     after_load = torch.cuda.memory_allocated()
-    on_device, vae_devices = [], set()
+    on_device, left = [], set()
     run = pipe.run(pocketdiffusion.GenerationRequest(**PROMPT))
     for _ in run:
         on_device.append(torch.cuda.memory_allocated() - after_load)
-        vae_devices |= {p.device.type for p in parts.vae.parameters()}
-    assert vae_devices == {"cpu"}  # never on the device while the UNet steps
-    assert max(on_device) < _nbytes(parts.vae)  # what the steps add: activations, conditioning
+        left.add(streamed_left()[0])
+    assert left == {0}  # nothing of them on the device while the UNet steps
+    assert max(on_device) < _nbytes(parts.unet)  # what the steps add: activations, conditioning
     assert np.array_equal(_pixels(run.result.images), reference)
-    assert all(p.device.type == "cpu" for p in parts.vae.parameters())  # back after the decode
+    assert streamed_left()[0] == 0
 
 
-def test_low_parks_too_and_stays_close(reference):
+def test_fast_parks_the_vae_in_pinned_host_memory():
+    pipe = pocketdiffusion.load("shapes", device="cuda", memory="fast")
+    vae = pipe.parts.vae
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in vae.parameters())
+    seen = set()
+    for _ in pipe.run(pocketdiffusion.GenerationRequest(**PROMPT)):
+        seen |= {p.device.type for p in vae.parameters()}
+    assert seen == {"cpu"}  # brought for the decode only
+    assert all(p.device.type == "cpu" for p in vae.parameters())
+
+
+def test_low_streams_too_and_stays_close(reference):
     pipe = pocketdiffusion.load("shapes", device="cuda", memory="low")
-    assert all(p.device.type == "cpu" for p in pipe.parts.vae.parameters())
+    assert sum(p.numel() for p in pipe.parts.vae.decoder.up.parameters()) == 0  # streamed
     got = _pixels(pipe.generate(**PROMPT)).astype(np.float64)
     mse = ((got - reference) ** 2).mean()
     assert mse == 0 or 10 * np.log10(255 ** 2 / mse) >= 30

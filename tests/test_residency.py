@@ -48,9 +48,12 @@ def test_weights_already_on_a_device_are_refused():
         HostParking("cuda", [module])
 
 
-def test_which_plans_park():
-    for mode in ("fast", "balanced", "low"):  # fast: balanced's residency, plus CUDA graphs
-        assert plan_for(mode, "cuda").park_idle and plan_for(mode, "cuda").stream_text
-    assert plan_for("fast", "cuda").cuda_graphs and not plan_for("balanced", "cuda").cuda_graphs
-    assert not plan_for("minimal", "cuda").park_idle  # streamed instead
+def test_which_plans_park_or_stream_on_cuda():
+    fast = plan_for("fast", "cuda")  # speed: the VAE parked whole, decoding untiled; graphs + compile
+    assert fast.park_idle and fast.stream_text and not fast.stream_vae and fast.cuda_graphs and fast.compile
+    for mode in ("balanced", "low"):  # memory: both the text encoders and the VAE stream, tiled decode
+        plan = plan_for(mode, "cuda")
+        assert plan.stream_text and plan.stream_vae and not plan.park_idle and not plan.cuda_graphs
+        assert plan.vae_tile_above == 256 * 256
+    assert not plan_for("minimal", "cuda").park_idle  # everything streamed instead
     assert not plan_for("balanced", "cpu").park_idle  # nowhere to park on the CPU

@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import ModelConfig
-from .plan import MemoryPlan, ops_for
+from .plan import MemoryPlan, ops_for, streamed_components
 from .streaming import gathers_rows, stream_group
 
 MIB = 2 ** 20
@@ -38,9 +38,13 @@ MIB = 2 ** 20
 # go back to the OS: memory/cpu_heap.py). Measured on the 2-core CPU machine: the offset between
 # traced and measured peaks was 41-45 MiB for balanced and minimal at 256 and 384 pixels.
 CPU_OVERHEAD = 48 * MIB
-# Not yet measured: the caching allocator's reserve above the allocated peak (block rounding,
-# per-stream pools). To be calibrated against max_memory_reserved() on the device machine.
+# The caching allocator's reserve above the allocated working sets (block rounding, expandable
+# segments growing in 2 MiB pages) and cuBLAS's workspace (32 MiB on Hopper, taken from the same
+# allocator). Calibrated on the H200 runs of docs/BENCHMARKS.md (SD1.5 512x512): the UNet steps
+# allocated 149 MiB above the resident weights where the trace counts 116; reserved ran 2-25%
+# above allocated. Resident weights are exact allocations and take no reserve.
 CUDA_RESERVE = 0.15
+CUDA_WORKSPACE = 32 * MIB
 TEXT_TOKENS = 77
 # How a convolution reaches the dispatch mode (conv2d is not decomposed under inference mode).
 CONVOLUTIONS = (torch.ops.aten.convolution.default, torch.ops.aten.conv2d.default)
@@ -115,9 +119,8 @@ def predict(config: ModelConfig, plan: MemoryPlan, device: torch.device | str, w
     if plan.quantize_unet:
         from .quant import quantize_
         quantize_(models["unet"])
-    stream_text = plan.stream_text and device.type == "cuda" and not plan.stream_weights
-    streamed = dict(models) if plan.stream_weights else \
-        {k: m for k, m in models.items() if k.startswith("text_encoders")} if stream_text else {}
+    components = streamed_components(plan) if device.type == "cuda" or plan.stream_weights else ()
+    streamed = {k: m for k, m in models.items() if components is None or k.split(".")[0] in components}
     groups = _group_bytes(streamed)
     tables, rows = _gathered_bytes(streamed, device)
     prefetch = bool(streamed) and device.type == "cuda"  # the next group is on its way meanwhile
@@ -134,7 +137,7 @@ def predict(config: ModelConfig, plan: MemoryPlan, device: torch.device | str, w
     vae = _trace_decode(models["vae"], plan, dtype, width, height, batch, groups, prefetch, scratch) + decoder
     overhead = CPU_OVERHEAD if device.type != "cuda" else 0
     if device.type == "cuda":
-        resident, text, unet, vae = (int(v * (1 + CUDA_RESERVE)) for v in (resident, text, unet, vae))
+        text, unet, vae = (int((v + CUDA_WORKSPACE) * (1 + CUDA_RESERVE)) for v in (text, unet, vae))
     return Prediction(plan, resident, text, unet, vae, overhead)
 
 

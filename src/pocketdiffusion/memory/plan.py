@@ -3,13 +3,14 @@ weights live, whether they are int8-quantized, which attention kernel runs and i
 and whether the VAE works in tiles. The loader builds the models from it; the pipelines read it.
 
 Modes (`pocketdiffusion.load(memory=...)`):
-- "fast": balanced with the UNet compiled (speed/compile.py) and its call replayed from CUDA graphs
-  (speed/cuda_graphs.py) on CUDA (the same residency as balanced there); the graph's activations
-  stay reserved between calls.
+- "fast": on CUDA the UNet compiled (speed/compile.py) and its call replayed from CUDA graphs
+  (speed/cuda_graphs.py); the text encoders streamed, the VAE parked in pinned host memory and
+  brought whole for its use (memory/residency.py), decoding untiled; the graph's activations stay
+  reserved between calls.
   Elsewhere the same as balanced.
 - "balanced": fp16 weights on GPUs (fp32 on the CPU); on CUDA only the UNet stays on the device:
-  the text encoders stream from pinned host memory layer by layer, the VAE comes from there for
-  its use and decodes above 256x256 pixels in tiles (`park_idle`, `stream_text`); on the CPU the
+  the text encoders and the VAE stream from pinned host memory block by block and the VAE decodes
+  above 256x256 pixels in tiles (`stream_text`, `stream_vae`); on the CPU the
   UNet's weights are stored in fp16 and computed in fp32 (`unet_store`, memory/store16.py) and the
   text encoders and the VAE stream block by block from the mapped file (`stream_text`, `stream_vae`);
   SDPA attention on CUDA and the CPU (both
@@ -75,13 +76,15 @@ def plan_for(mode: str, device: torch.device | str) -> MemoryPlan:
         return MemoryPlan(mode=mode, attention=attention, stream_weights=True, vae_tile_above=0,
                           vae_tile=32, vae_tile_overlap=8)
     if device.type == "cuda":
-        # fast is balanced with the UNet call replayed from CUDA graphs: same residency, so its
-        # peak is balanced's plus the graph pool's activations.
-        # The resident UNet plus an untiled 512x512 decode (~360 MiB of activations in fp16) would
-        # be the peak; in 256-pixel tiles the decode stays below a UNet step's working set.
-        return MemoryPlan(mode=mode, attention=attention, quantize_unet=mode == "low", park_idle=True,
-                          stream_text=True, vae_tile_above=256 * 256, vae_tile=32, vae_tile_overlap=8,
-                          cuda_graphs=mode == "fast", compile=mode == "fast")
+        # Only the UNet stays on the device. balanced/low: the text encoders and the VAE stream
+        # from pinned host memory block by block, and the VAE decodes above 256x256 pixels in
+        # tiles: the resident UNet plus a whole VAE and an untiled 512x512 decode (~360 MiB of
+        # activations) was the peak, 1925 MiB allocated for SD1.5 (docs/BENCHMARKS.md).
+        if mode == "fast":  # speed first: the VAE comes whole for its one use and decodes untiled
+            return MemoryPlan(mode=mode, attention=attention, park_idle=True, stream_text=True,
+                              cuda_graphs=True, compile=True)
+        return MemoryPlan(mode=mode, attention=attention, quantize_unet=mode == "low", stream_text=True,
+                          stream_vae=True, vae_tile_above=256 * 256, vae_tile=32, vae_tile_overlap=8)
     if device.type == "cpu":
         # Only the UNet is resident, in fp16 (balanced, fast) or int8 (low), computing in fp32; the
         # text encoders and the VAE stay in the mapped file and stream block by block for their one
