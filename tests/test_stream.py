@@ -9,7 +9,7 @@ import torch
 
 import ckpt_fixtures as fx
 from pocketdiffusion.checkpoints import load
-from pocketdiffusion.memory.streaming import PACK_ALIGN, BlockStreaming, HostTransport, stream_group
+from pocketdiffusion.memory.streaming import PACK_ALIGN, PACK_CHUNK, BlockStreaming, HostTransport, Pack, stream_group
 
 
 def _write(tmp_path, kind="sd1", suffix=".safetensors", dtype=torch.float32):
@@ -120,10 +120,11 @@ def test_host_transport_copies_exactly(tmp_path):
     parts = load(path, dtype=torch.float32, streaming=policy)
     transport = policy.streamer.transport
     assert isinstance(transport, HostTransport)
-    # one packed buffer per group (one copy per group), every tensor on an aligned offset
+    # packed buffers per group (a few copies per group, not one per tensor), aligned offsets
     assert set(transport.packs) == set(policy.streamer.groups)
-    offsets = [offset for pack in transport.packs.values() for offset, _, _ in pack.layout.values()]
+    offsets = [offset for pack in transport.packs.values() for _, offset, _, _ in pack.layout.values()]
     assert offsets and all(offset % PACK_ALIGN == 0 for offset in offsets)
+    assert sum(len(p.buffers) for p in transport.packs.values()) < len(offsets)
     expected = _outputs(resident)
     for _ in range(2):
         assert all(torch.equal(a, b) for a, b in zip(expected, _outputs(parts)))
@@ -142,3 +143,15 @@ def test_which_weights_stream():
     for resident in ("unet.time_embed.0.weight", "unet.out.2.weight", "vae.decoder.conv_in.weight",
                      "text_encoders.0.text_model.embeddings.token_embedding.weight", "vae.post_quant_conv.weight"):
         assert stream_group(resident) is None
+
+
+def test_packs_share_chunks_and_give_big_tensors_their_own():
+    big = torch.arange(PACK_CHUNK // 2 + 8, dtype=torch.float16)  # > one chunk in bytes
+    smalls = {f"s{i}": torch.full((1000 + i,), float(i)) for i in range(5)}
+    pack = Pack.of({"a": smalls["s0"], "big": big, **{k: v for k, v in smalls.items() if k != "s0"}, "a2": big[:3]},
+                   pin=False)
+    views = pack.views([b.clone() for b in pack.buffers])
+    assert torch.equal(views["big"], big) and all(torch.equal(views[k], v) for k, v in smalls.items() if k != "s0")
+    assert torch.equal(views["a"], smalls["s0"]) and torch.equal(views["a2"], big[:3])
+    sizes = sorted(b.numel() for b in pack.buffers)
+    assert sizes == [PACK_CHUNK, big.numel() * 2]  # the small ones share one chunk
