@@ -277,3 +277,13 @@ def test_txt2img_with_a_quantized_unet_stays_close(tmp_path):
     assert not np.array_equal(before, after)  # the int8 UNet really ran
     quality = psnr(before, after)
     assert quality >= 25, quality  # measured 42.1 dB
+
+
+def test_the_dequantization_scratch_gives_the_same_weight_in_one_buffer():
+    from pocketdiffusion.memory.quant import DequantScratch, dequantize, quantize_per_channel
+    scratch = DequantScratch()
+    small, big = (quantize_per_channel(torch.randn(*shape)) for shape in ((8, 4), (16, 4, 3, 3)))
+    for q, scale in (small, big, small):
+        assert torch.equal(scratch.dequantize(q, scale, torch.float32), dequantize(q, scale, torch.float32))
+    (buffer,) = scratch.buffers.values()  # grown once to the largest, then reused
+    assert buffer.numel() == big[0].numel()

@@ -154,4 +154,6 @@ def test_packs_share_chunks_and_give_big_tensors_their_own():
     assert torch.equal(views["big"], big) and all(torch.equal(views[k], v) for k, v in smalls.items() if k != "s0")
     assert torch.equal(views["a"], smalls["s0"]) and torch.equal(views["a2"], big[:3])
     sizes = sorted(b.numel() for b in pack.buffers)
-    assert sizes == [PACK_CHUNK, big.numel() * 2]  # the small ones share one chunk
+    assert sizes == [2 * 2 ** 20, big.numel() * 2]  # the small ones share one chunk (cut to 2 MiB steps)
+    many = {f"m{i}": torch.zeros(2 ** 20 // 4 * 3) for i in range(4)}  # 3 MiB each: 2 per 8 MiB chunk
+    assert sorted(b.numel() for b in Pack.of(many, pin=False).buffers) == [6 * 2 ** 20] * 2  # 2 per chunk

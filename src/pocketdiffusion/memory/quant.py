@@ -64,6 +64,28 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return q * scale.to(dtype).view(-1, *([1] * (q.ndim - 1)))  # scale (out, 1, ...)
 
 
+class DequantScratch:
+    """One reusable device buffer per dtype and device that holds one dequantized weight at a time
+    (CUDA, inference). A fresh weight per layer per call is a stream of 0.1-56 MiB blocks through
+    the caching allocator that left the low mode's reserved peak ~110 MiB above its allocated one
+    (SD1.5 512x512, docs/BENCHMARKS.md); one buffer as large as the largest layer does not. Safe on
+    one stream: the next layer's dequantization is queued after the kernels that read this one."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def dequantize(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        key = (dtype, q.device)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < q.numel():
+            self.buffers.pop(key, None)
+            del buffer  # the old one first: never two at a time
+            with torch.inference_mode(False):  # a normal tensor, writable in and out of inference mode
+                buffer = self.buffers[key] = torch.empty(q.numel(), dtype=dtype, device=q.device)
+        out = buffer[:q.numel()].view(q.shape)
+        return torch.mul(q, scale.to(dtype).view(-1, *([1] * (q.ndim - 1))), out=out)
+
+
 # ---- the layers -----------------------------------------------------------------------------------
 
 class _Int8Weight(nn.Module):
@@ -104,6 +126,11 @@ class _Int8Weight(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        scratch = getattr(self, "scratch", None)
+        # The shared buffer only on CUDA and without autograd (a graph would keep the weight for
+        # backward); the CPU path allocates as before (memory/cpu_heap.py hands big blocks back).
+        if scratch is not None and x.device.type == "cuda" and not torch.is_grad_enabled():
+            return scratch.dequantize(self.weight_int8, self.weight_scale, x.dtype), bias
         return self.dequantized_weight(x.dtype), bias
 
 
@@ -240,6 +267,7 @@ def quantize_(model: nn.Module, *, min_params: int = 4096,
 
     replaced: dict[int, nn.Module] = {}  # id(float layer) -> its int8 layer: a layer shared by two parents
     layers = params = bytes_before = bytes_after = 0
+    scratch = DequantScratch()
     # Collect first: replacing children while named_modules() walks them would change the walk.
     targets = [(prefix, parent, child_name, child)
                for prefix, parent in model.named_modules(remove_duplicate=False)
@@ -253,6 +281,7 @@ def quantize_(model: nn.Module, *, min_params: int = 4096,
                 continue
             int8 = _int8_of(child)
             int8.train(child.training)
+            object.__setattr__(int8, "scratch", scratch)  # a plain attribute: not a submodule, not in state_dict
             replaced[id(child)] = int8
             layers += 1
             params += child.weight.numel()
