@@ -169,34 +169,43 @@ def print_table(results: list[dict]) -> None:
 
 
 def plot_growth(results: list[dict], path: Path) -> None:
-    """Peak reserved against the image side, one line per mode, drawn with Pillow (PNG)."""
+    """Peak reserved against the image side, one line per run, log-scaled memory axis, drawn with
+    Pillow (PNG)."""
+    import math
+
     from PIL import Image, ImageDraw
-    runs = sorted({r["which"] for r in results if "error" not in r}, key=lambda w: (w.startswith("diffusers"), w))
-    sizes = sorted({r["size"] for r in results})
-    top = max(r["reserved"] for r in results if "error" not in r) / MIB * 1.1
-    width, height, left, bottom, margin = 900, 560, 80, 60, 20
+    ok = [r for r in results if "error" not in r]
+    runs = sorted({r["which"] for r in ok}, key=lambda w: (w.startswith("diffusers"), w))
+    sizes = sorted({r["size"] for r in ok})
+    low, high = math.log2(min(r["reserved"] for r in ok) / MIB / 1.3), math.log2(max(r["reserved"] for r in ok) / MIB * 1.3)
+    width, height, left, bottom, margin, legend = 960, 560, 90, 60, 40, 300
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    x_of = lambda s: left + (width - left - 260) * sizes.index(s) / max(1, len(sizes) - 1)  # noqa: E731
-    y_of = lambda mib: height - bottom - (height - bottom - margin) * mib / top  # noqa: E731
-    draw.line([(left, margin), (left, height - bottom), (width - 250, height - bottom)], fill="black")
+    x_of = lambda s: left + (width - left - legend) * sizes.index(s) / max(1, len(sizes) - 1)  # noqa: E731
+    y_of = lambda mib: height - bottom - (height - bottom - margin) * (math.log2(mib) - low) / (high - low)  # noqa: E731
+    draw.line([(left, margin), (left, height - bottom), (width - legend + 10, height - bottom)], fill="black")
     for s in sizes:
-        draw.text((x_of(s) - 14, height - bottom + 8), f"{s}px", fill="black")
-    for tick in range(0, int(top), max(1000, int(top / 8) // 1000 * 1000)):
-        draw.line([(left - 4, y_of(tick)), (left, y_of(tick))], fill="black")
-        draw.text((8, y_of(tick) - 6), f"{tick} MiB", fill="black")
+        draw.text((x_of(s) - 24, height - bottom + 8), f"{s}x{s}", fill="black")
+    for power in range(math.ceil(low), math.floor(high) + 1):
+        y = y_of(2 ** power)
+        draw.line([(left - 4, y), (width - legend + 10, y)], fill="#e0e0e0")
+        draw.text((8, y - 6), f"{2 ** power} MiB", fill="black")
     colours = ["#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#555555", "#8c564b", "#9467bd", "#e377c2"]
     for i, which in enumerate(runs):
-        points = [(x_of(r["size"]), y_of(r["reserved"] / MIB)) for r in sorted(results, key=lambda r: r["size"])
-                  if r["which"] == which and "error" not in r]
+        points = [(x_of(r["size"]), y_of(r["reserved"] / MIB)) for r in sorted(ok, key=lambda r: r["size"])
+                  if r["which"] == which]
         colour = colours[i % len(colours)]
         if len(points) > 1:
             draw.line(points, fill=colour, width=3)
         for x, y in points:
             draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
-        draw.line([(width - 240, margin + 20 * i + 6), (width - 215, margin + 20 * i + 6)], fill=colour, width=3)
-        draw.text((width - 210, margin + 20 * i), label(which).replace("pocketdiffusion ", "ours "), fill="black")
-    draw.text((left + 10, margin), "peak max_memory_reserved, SD1.5 txt2img (failed runs: no point)", fill="black")
+        draw.line([(width - legend + 30, margin + 20 * i + 6), (width - legend + 55, margin + 20 * i + 6)],
+                  fill=colour, width=3)
+        draw.text((width - legend + 60, margin + 20 * i), label(which).replace("pocketdiffusion ", "ours "),
+                  fill="black")
+    arch = ok[0]["arch"] if ok else ""
+    draw.text((left, 12), f"peak torch.cuda.max_memory_reserved, {arch} txt2img, CFG 7.5, batch 1 "
+              f"({ok[0]['device'] if ok else ''})", fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
 
@@ -215,7 +224,16 @@ def main() -> None:
     ap.add_argument("--folder", type=Path, default=None, help="keep the model here (written if missing)")
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     ap.add_argument("--plot", type=Path, default=None, help="with --growth: write the plot here (PNG)")
+    ap.add_argument("--replot", type=Path, nargs="+", default=None,
+                    help="only draw --plot from these --out JSON files (runs earlier), no measuring")
     args = ap.parse_args()
+    if args.replot:
+        if not args.plot:
+            ap.error("--replot needs --plot")
+        results = [r for f in args.replot for r in json.loads(f.read_text())]
+        print_table(results)
+        plot_growth(results, args.plot)
+        return
     for which in args.modes:
         if which not in THEIRS and which.partition(":")[0] not in OURS:
             ap.error(f"--modes: unknown row {which!r}")
