@@ -57,3 +57,14 @@ def test_which_plans_park_or_stream_on_cuda():
         assert plan.vae_tile_above == 256 * 256
     assert not plan_for("minimal", "cuda").park_idle  # everything streamed instead
     assert not plan_for("balanced", "cpu").park_idle  # nowhere to park on the CPU
+
+
+def test_the_plan_command_says_where_the_weights_live():
+    from pocketdiffusion.cli_plan import describe_residency, describe_tiling
+    assert describe_residency(plan_for("balanced", "cuda")) == "UNet resident; text encoders and VAE streamed"
+    assert describe_residency(plan_for("low", "cuda")).startswith("UNet int8; text encoders and VAE streamed")
+    fast = describe_residency(plan_for("fast", "cuda"))
+    assert "compiled, CUDA graphs" in fast and "VAE parked in host memory" in fast
+    assert describe_residency(plan_for("minimal", "cuda")) == "all weights streamed block by block"
+    assert describe_tiling(plan_for("balanced", "cuda")) == "VAE tiled above 256x256"
+    assert describe_tiling(plan_for("minimal", "cuda")) == "VAE tiled"

@@ -27,6 +27,30 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+def describe_residency(plan) -> str:
+    """Where each component's weights live under `plan`, in a few words."""
+    if plan.stream_weights:
+        return "all weights streamed block by block"
+    unet = "UNet int8" if plan.quantize_unet else f"UNet {'stored 16-bit' if plan.unet_store else 'resident'}"
+    others = [name for name, on in (("text encoders", plan.stream_text), ("VAE", plan.stream_vae)) if on]
+    parts = [unet + (", compiled" if plan.compile else "") + (", CUDA graphs" if plan.cuda_graphs else "")]
+    if others:
+        parts.append(" and ".join(others) + " streamed")
+    if plan.park_idle:
+        parts.append("VAE parked in host memory")
+    return "; ".join(parts)
+
+
+def describe_tiling(plan) -> str:
+    if plan.vae_tile_above is None:
+        return "VAE untiled"
+    if plan.vae_tile_above == 0:
+        return "VAE tiled"
+    side = int(plan.vae_tile_above ** 0.5)
+    return f"VAE tiled above {side}x{side}" if side * side == plan.vae_tile_above else \
+        f"VAE tiled above {plan.vae_tile_above} pixels"
+
+
 def run_plan(args: argparse.Namespace) -> int:
     import torch
 
@@ -44,8 +68,8 @@ def run_plan(args: argparse.Namespace) -> int:
     plan, predicted = choice.plan, choice.prediction
     print(f"model:     {model.name} ({config.family}), {width}x{height}, batch {args.batch}, on {device}")
     print(f"budget:    {choice.budget / MIB:,.0f} MiB ({choice.budget_source})")
-    print(f"plan:      memory={plan.mode}  weights {'streamed' if plan.stream_weights else 'int8 UNet' if plan.quantize_unet else 'resident'}, "
-          f"attention {plan.attention}, VAE {'tiled' if plan.vae_tile_above == 0 else 'untiled'}")
+    print(f"plan:      memory={plan.mode}: {describe_residency(plan)}; attention {plan.attention}; "
+          f"{describe_tiling(plan)}")
     print(f"predicted: {predicted.peak / MIB:,.0f} MiB peak = weights {predicted.weights / MIB:,.0f} + "
           f"{predicted.largest_phase} {max(predicted.text, predicted.unet, predicted.vae) / MIB:,.0f} + "
           f"runtime {predicted.overhead / MIB:,.0f}")
