@@ -67,6 +67,14 @@ def load(path: str | os.PathLike = "shapes", device: "str | torch.device | None"
     parts = load_components(model.path, device=device, dtype=dtype or plan.weight_dtype, prediction=prediction,
                             unet_subfolder=model.unet_subfolder, ops=ops_for(plan), streaming=streaming,
                             host_components=("vae",) if parking else (), swap_layers=swap_layers_for(plan))
+    if torch.device(device).type == "cpu":
+        from .memory.cpu_heap import reuse_during, trim_after
+        from .memory.store16 import reserve_scratch
+        reserve_scratch(parts.unet, next(parts.unet.parameters()).dtype, device)  # outside the heap reused below
+        if plan.heap_reuse:
+            reuse_during(parts.unet)  # its steps reuse the heap's blocks (no page faults), given back after each
+        for module in (*parts.text_encoders, parts.vae.encoder, parts.vae.decoder):
+            trim_after(module)
     if parking:
         from .memory.residency import HostParking
         parts.residency = HostParking(device, [parts.vae])

@@ -54,6 +54,10 @@ class MemoryPlan:
     # The VAE's weights stream block by block for its one use (memory/streaming.py; on the CPU from
     # the mapped file, as the text encoders do there with `stream_text`), never resident.
     stream_vae: bool = False
+    # CPU: the UNet's calls after the first keep their freed blocks in the heap for the next step
+    # instead of handing them back (no page faults: ~1.5 s of a 8 s SD1.5 step), for a few tens of
+    # MiB of heap fragmentation (memory/cpu_heap.py). Off in minimal, whose peak comes first.
+    heap_reuse: bool = False
     attention: str = "sdpa"  # "sdpa" or "chunked"
     attention_chunk: int = 1024  # query rows per chunk for "chunked"
     vae_tile_above: int | None = 1024 * 1024  # tile the VAE when an image has more pixels; None = never
@@ -91,9 +95,12 @@ def plan_for(mode: str, device: torch.device | str) -> MemoryPlan:
     if device.type == "cpu":
         # Only the UNet is resident, in fp16 (balanced, fast) or int8 (low), computing in fp32; the
         # text encoders and the VAE stay in the mapped file and stream block by block for their one
-        # use each (zero-copy views of the file's pages, dropped after each block).
+        # use each (zero-copy views of the file's pages, dropped after each block). An untiled
+        # 512x512 decode holds ~970 MiB of fp32 activations, more than the UNet's step (~400): the
+        # VAE decodes above 256x256 pixels in minimal's tiles (~250 MiB), as on CUDA.
         return MemoryPlan(mode=mode, attention=attention, quantize_unet=mode == "low",
-                          unet_store=None if mode == "low" else torch.float16, stream_text=True, stream_vae=True)
+                          unet_store=None if mode == "low" else torch.float16, stream_text=True, stream_vae=True,
+                          heap_reuse=True, vae_tile_above=256 * 256, vae_tile=32, vae_tile_overlap=8)
     return MemoryPlan(mode=mode, attention=attention, quantize_unet=mode == "low")
 
 

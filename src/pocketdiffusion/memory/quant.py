@@ -73,6 +73,21 @@ class DequantScratch:
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        # On the CPU the buffer is made this large at once (`quantize_`: its largest layer): grown
+        # layer by layer in the first step, each outgrown buffer left a hole in the heap that the
+        # UNet's calls reuse (memory/cpu_heap.py).
+        self.size_hint = 0
+
+    def reserve(self, dtype: torch.dtype, device: torch.device | str) -> None:
+        """CPU: allocate the `dtype` buffer now, `size_hint` elements (before the UNet's first call,
+        so that it is not born in the heap that the call reuses and then trims)."""
+        key = (dtype, torch.device(device))
+        if self.size_hint and key not in self.buffers:
+            with torch.inference_mode(False):
+                self.buffers[key] = torch.empty(self.size_hint, dtype=dtype, device=key[1])
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         key = (dtype, q.device)
@@ -80,8 +95,9 @@ class DequantScratch:
         if buffer is None or buffer.numel() < q.numel():
             self.buffers.pop(key, None)
             del buffer  # the old one first: never two at a time
+            numel = max(q.numel(), self.size_hint) if q.device.type == "cpu" else q.numel()
             with torch.inference_mode(False):  # a normal tensor, writable in and out of inference mode
-                buffer = self.buffers[key] = torch.empty(q.numel(), dtype=dtype, device=q.device)
+                buffer = self.buffers[key] = torch.empty(numel, dtype=dtype, device=q.device)
         out = buffer[:q.numel()].view(q.shape)
         return torch.mul(q, scale.to(dtype).view(-1, *([1] * (q.ndim - 1))), out=out)
 
@@ -127,9 +143,10 @@ class _Int8Weight(nn.Module):
             raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
         scratch = getattr(self, "scratch", None)
-        # The shared buffer only on CUDA and without autograd (a graph would keep the weight for
-        # backward); the CPU path allocates as before (memory/cpu_heap.py hands big blocks back).
-        if scratch is not None and x.device.type == "cuda" and not torch.is_grad_enabled():
+        # The shared buffer without autograd only (a graph would keep the weight for backward). On
+        # the CPU too: a fresh weight per layer per step fragmented the heap that a UNet call reuses
+        # (memory/cpu_heap.py; SD1.5 512 low: its step's peak grew 444 -> 612 -> 715 MiB over 3 steps).
+        if scratch is not None and x.device.type in ("cuda", "cpu") and not torch.is_grad_enabled():
             return scratch.dequantize(self.weight_int8, self.weight_scale, x.dtype), bias
         return self.dequantized_weight(x.dtype), bias
 
@@ -283,6 +300,7 @@ def quantize_(model: nn.Module, *, min_params: int = 4096,
             int8.train(child.training)
             object.__setattr__(int8, "scratch", scratch)  # a plain attribute: not a submodule, not in state_dict
             replaced[id(child)] = int8
+            scratch.size_hint = max(scratch.size_hint, child.weight.numel())
             layers += 1
             params += child.weight.numel()
             bytes_before += _bytes(child.weight, child.bias)

@@ -21,7 +21,6 @@ before loading converts each weight as it is read.
 """
 from __future__ import annotations
 
-import threading
 from typing import Callable
 
 import torch
@@ -32,24 +31,59 @@ STORE_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class Scratch:
-    """A reusable buffer per thread and dtype that holds one upcast weight at a time."""
+    """One reusable buffer per dtype and device that holds one layer's compute weight at a time.
 
-    def __init__(self) -> None:
-        self._local = threading.local()
+    `size_hint` elements (`store16_` sets its largest layer's) are allocated at once, and
+    `reserve` allocates them before the first call: grown layer by layer inside the UNet's first
+    call, each outgrown buffer left a hole in the heap that the UNet's calls reuse, and a buffer
+    born there pinned the heap so that it could not shrink after the call (memory/cpu_heap.py).
+    One generation at a time per model, as everywhere in the pipelines."""
+
+    def __init__(self, size_hint: int = 0) -> None:
+        self.size_hint = size_hint
+        self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def reserve(self, dtype: torch.dtype, device: torch.device | str) -> None:
+        """Allocate the `dtype` buffer on `device` now, `size_hint` elements."""
+        self.take((self.size_hint,), dtype, torch.device(device))
+
+    def take(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A `shape` view of the `dtype` buffer on `device`, to be written (valid until the next take)."""
+        numel = 1
+        for size in shape:
+            numel *= size
+        key = (dtype, device)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            self.buffers.pop(key, None)
+            del buffer  # the old one first: never two at a time
+            with torch.inference_mode(False):  # a normal tensor: inference mode may write into it, and so may code outside it
+                buffer = self.buffers[key] = torch.empty(max(numel, self.size_hint), dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
 
     def upcast(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`weight` converted to `dtype`, in this thread's buffer (valid until the next call)."""
-        buffers = self._local.__dict__.setdefault("buffers", {})
-        buffer = buffers.get(dtype)
-        if buffer is None or buffer.numel() < weight.numel():
-            del buffer  # the old one first: never two at a time
-            buffers.pop(dtype, None)
-            with torch.inference_mode(False):  # a normal tensor: inference mode may write into it, and so may code outside it
-                buffer = buffers[dtype] = torch.empty(weight.numel(), dtype=dtype, device=weight.device)
-        return buffer[:weight.numel()].view(weight.shape).copy_(weight)
+        """`weight` converted to `dtype`, in the buffer (valid until the next take)."""
+        return self.take(weight.shape, dtype, weight.device).copy_(weight)
+
+    @staticmethod
+    def usable(x: torch.Tensor) -> bool:
+        """Whether a layer called on `x` may compute from the scratch: on the CPU (no asynchronous
+        kernel still reading it when the next layer writes) and without autograd (a graph would
+        save the weight for the backward pass)."""
+        return x.device.type == "cpu" and not torch.is_grad_enabled()
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._local.__dict__.get("buffers", {}).values())
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+
+def reserve_scratch(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> int:
+    """Allocate now the scratch buffers of `model`'s 16-bit-stored and int8 layers (memory/quant.py),
+    for computing in `dtype` on `device`. Returns their bytes."""
+    scratches = {id(s): s for m in model.modules() if (s := getattr(m, "scratch", None)) is not None
+                 and hasattr(s, "reserve")}
+    for scratch in scratches.values():
+        scratch.reserve(dtype, device)
+    return sum(scratch.nbytes() for scratch in scratches.values())
 
 
 class _Stored16Weight(nn.Module):
@@ -85,7 +119,7 @@ class _Stored16Weight(nn.Module):
         if weight.dtype != x.dtype:
             # The scratch only where nothing may keep the weight after the call: no autograd
             # graph (it would save the weight for backward), and the CPU (no asynchronous kernels).
-            reuse = self.scratch is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
+            reuse = self.scratch is not None and self.scratch.usable(x)
             weight = self.scratch.upcast(weight, x.dtype) if reuse else weight.to(x.dtype)
         return weight, bias
 
@@ -186,5 +220,6 @@ def store16_(model: nn.Module, dtype: torch.dtype = torch.float16, *, min_params
                                                                                                    scratch)
             layer.train(child.training)
             replaced[id(child)] = layer
+            scratch.size_hint = max(scratch.size_hint, child.weight.numel())
         setattr(parent, child_name, replaced[id(child)])
     return len(replaced)
