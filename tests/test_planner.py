@@ -55,15 +55,16 @@ def test_prediction_arithmetic_on_sd15():
     balanced = predict(SD15, plan_for("balanced", "cpu"), "cpu", 512, 512)
     low = predict(SD15, plan_for("low", "cpu"), "cpu", 512, 512)
     minimal = predict(SD15, plan_for("minimal", "cpu"), "cpu", 512, 512)
-    params = 1_066_235_307  # SD1.5: UNet 859.5M + VAE 83.7M + CLIP-L 123.1M
-    assert balanced.weights == pytest.approx(4 * params, rel=1e-3)
-    assert low.weights < 0.45 * balanced.weights  # the UNet, 80% of the weights, at 1 byte instead of 4
-    assert minimal.weights < 0.05 * balanced.weights  # the resident few: embeddings, in/out layers
+    unet = 859_520_964  # SD1.5's UNet parameters (VAE 83.7M and CLIP-L 123.1M stream on the CPU)
+    # balanced: the UNet stored in fp16 plus one fp32 upcast buffer of its largest layer (~112 MiB)
+    assert 2 * unet < balanced.weights < 2 * unet + 160 * 2 ** 20
+    assert low.weights < 0.6 * balanced.weights  # int8 instead of fp16, and the same kind of buffer
+    assert minimal.weights < 0.01 * balanced.weights  # the resident few: embeddings, in/out layers
     assert balanced.peak == balanced.weights + max(balanced.text, balanced.unet, balanced.vae) + balanced.overhead
-    assert balanced.largest_phase == "VAE decode"  # the untiled 512x512 decoder
-    assert minimal.vae < 0.4 * balanced.vae  # tiled
+    assert balanced.largest_phase == "UNet step"  # the decode runs in tiles
+    assert minimal.vae <= balanced.vae  # tiled in both
     cuda = predict(SD15, plan_for("balanced", "cuda"), "cuda", 512, 512)
-    assert cuda.weights < 0.6 * balanced.weights  # fp16
+    assert cuda.weights == pytest.approx(2 * unet, rel=1e-3)  # only the fp16 UNet resident on CUDA
 
 
 def test_live_bytes_counts_storages_not_views():

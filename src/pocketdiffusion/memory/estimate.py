@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import ModelConfig
-from .plan import MemoryPlan, ops_for, streamed_components
+from .plan import MemoryPlan, ops_for, streamed_components, swap_layers_for
 from .streaming import gathers_rows, stream_group
 
 MIB = 2 ** 20
@@ -38,6 +38,10 @@ MIB = 2 ** 20
 # go back to the OS: memory/cpu_heap.py). Measured on the 2-core CPU machine: the offset between
 # traced and measured peaks was 41-45 MiB for balanced and minimal at 256 and 384 pixels.
 CPU_OVERHEAD = 48 * MIB
+# A UNet call that reuses the heap (memory/cpu_heap.py, `MemoryPlan.heap_reuse`) holds its live
+# tensors plus the holes between them: measured at SD1.5 512x512 balanced, 265-290 MiB above the
+# resident weights where the trace counts ~230 (the conv scratch included).
+CPU_HEAP_REUSE = 0.20
 # The caching allocator's reserve above the allocated working sets (block rounding, expandable
 # segments growing in 2 MiB pages) and cuBLAS's workspace (32 MiB on Hopper, taken from the same
 # allocator). Calibrated on the H200 runs of docs/BENCHMARKS.md (SD1.5 512x512): the UNet steps
@@ -80,7 +84,7 @@ class LiveBytes(TorchDispatchMode):
     above its output, a 128->64 one 32 MiB; docs/BENCHMARKS.md) and one of their weight (what
     dominates at full size, where the deep convs' weights dwarf their activations)."""
 
-    def __init__(self, conv_scratch: bool = False):
+    def __init__(self, conv_scratch: bool | str | None = False):  # True or "cpu": oneDNN's; "cuda": cuDNN's
         super().__init__()
         self.live = self.peak = 0
         self.conv_scratch = conv_scratch
@@ -99,7 +103,11 @@ class LiveBytes(TorchDispatchMode):
                     self._seen[storage] = True
                     self.add(storage.nbytes())
                     weakref.finalize(storage, self.add, -storage.nbytes())
-        if self.conv_scratch and func in CONVOLUTIONS:
+        if self.conv_scratch == "cuda" and func in CONVOLUTIONS:
+            # cuDNN's workspace for the chosen algorithm: about one output's bytes for the large
+            # convs of an untiled decode (fast's 512x512 decode peaked ~200 MiB above the trace)
+            self.peak = max(self.peak, self.live + out.numel() * out.element_size())
+        elif self.conv_scratch and func in CONVOLUTIONS:
             # and of its weight: at SD1.5's 8x8 latents a 2560->1280 3x3 conv (112.5 MiB of fp32
             # weight) peaked 121.8 MiB above what was live; its activations are about 1 MiB
             scratch = (max(args[0].numel(), out.numel()) + args[1].numel()) * out.element_size()
@@ -116,29 +124,61 @@ def predict(config: ModelConfig, plan: MemoryPlan, device: torch.device | str, w
     models = _build_on_meta(config, ops_for(plan))
     for model in models.values():
         model.to(dtype)
-    if plan.quantize_unet:
-        from .quant import quantize_
-        quantize_(models["unet"])
-    components = streamed_components(plan) if device.type == "cuda" or plan.stream_weights else ()
+    swap = swap_layers_for(plan)  # int8 or 16-bit-stored UNet layers, as the loader swaps them
+    if swap is not None:
+        swap(models)
+    components = streamed_components(plan)
     streamed = {k: m for k, m in models.items() if components is None or k.split(".")[0] in components}
     groups = _group_bytes(streamed)
     tables, rows = _gathered_bytes(streamed, device)
     prefetch = bool(streamed) and device.type == "cuda"  # the next group is on its way meanwhile
     resident = sum(_nbytes(models)) - sum(groups.values()) - tables
+    scratch_bytes = 0
+    if swap is not None:  # on CUDA too: low's int8 layers dequantize into one DequantScratch
+        # The layers' compute weights go into one buffer as large as the largest, allocated at load
+        # (memory/store16.py reserve_scratch): resident, and no per-layer temporary in the trace.
+        scratch_bytes = _use_meta_scratch(models["unet"], dtype)
+        resident += scratch_bytes
     text = (_text_working_set(config, dtype) + rows
             + max((b for g, b in groups.items() if g.startswith("text")), default=0))
     decoder = 0
     if plan.park_idle and device.type == "cuda":  # memory/residency.py: on the device for its use only
         decoder = sum(_nbytes({"decoder": models["vae"].decoder, "post": models["vae"].post_quant_conv}))
         resident -= sum(_nbytes({"vae": models["vae"]}))
-    scratch = device.type == "cpu"
+    scratch = "cpu" if device.type == "cpu" else "cuda" if device.type == "cuda" else None
     unet = _trace_unet(models["unet"], config, dtype, width, height, batch * (2 if cfg else 1), groups, prefetch,
                        scratch)
+    if device.type == "cpu" and plan.heap_reuse:
+        unet = int(unet * (1 + CPU_HEAP_REUSE))
     vae = _trace_decode(models["vae"], plan, dtype, width, height, batch, groups, prefetch, scratch) + decoder
     overhead = CPU_OVERHEAD if device.type != "cuda" else 0
     if device.type == "cuda":
         text, unet, vae = (int((v + CUDA_WORKSPACE) * (1 + CUDA_RESERVE)) for v in (text, unet, vae))
+        if plan.cuda_graphs:  # the graph pool keeps the UNet call's working set through the other phases
+            text, vae = text + unet, vae + unet
     return Prediction(plan, resident, text, unet, vae, overhead)
+
+
+def _use_meta_scratch(unet: nn.Module, dtype: torch.dtype) -> int:
+    """Make the UNet's swapped layers (int8, 16-bit-stored) compute from one meta buffer made
+    before the trace, as they do from their scratch on the CPU, instead of a fresh weight each;
+    return that buffer's bytes."""
+    from .quant import INT8_LAYERS
+    from .store16 import STORED16_LAYERS
+    layers = [m for m in unet.modules() if isinstance(m, (*INT8_LAYERS, *STORED16_LAYERS))]
+    if not layers:
+        return 0
+    shapes = [m.weight_shape for m in layers]
+    numel = max(torch.Size(s).numel() for s in shapes)
+    buffer = torch.empty(numel, dtype=dtype, device="meta")
+
+    def from_buffer(layer: nn.Module, shape: tuple[int, ...]):
+        def weight_and_bias(x: torch.Tensor):
+            return buffer[:torch.Size(shape).numel()].view(shape), None if layer.bias is None else layer.bias.to(x.dtype)
+        return weight_and_bias
+    for layer, shape in zip(layers, shapes):
+        layer._weight_and_bias = from_buffer(layer, shape)  # an instance attribute, on the meta copy only
+    return numel * buffer.element_size()
 
 
 def _nbytes(models: dict[str, nn.Module]) -> list[int]:
@@ -177,8 +217,14 @@ def _text_working_set(config: ModelConfig, dtype: torch.dtype) -> int:
 
 
 def _with_groups(model: nn.Module, component: str, groups: dict[str, int], counter: LiveBytes,
-                 prefetch: bool) -> list:
-    """Hooks that count a streamed group's weights while it runs (and the next group's, on CUDA)."""
+                 prefetch: bool, touched: bool = False) -> list:
+    """Hooks that count a streamed group's weights while it runs (and the next group's, on CUDA).
+    `touched` (the CPU, MmapTransport): a group's weights are views of the mapped file whose pages
+    become resident as each layer first reads them, so each layer's weights count from its first
+    call in the group's run (not the whole group's from its start) until the group ends. (It
+    assumes the file holds the run dtype; a converted group is whole from its start.)"""
+    if touched:
+        return _with_touched_groups(model, component, groups, counter)
     handles = []
     names = [n for n in groups if n.startswith(component + ".")]
     for index, name in enumerate(names):
@@ -190,9 +236,44 @@ def _with_groups(model: nn.Module, component: str, groups: dict[str, int], count
     return handles
 
 
+def _with_touched_groups(model: nn.Module, component: str, groups: dict[str, int], counter: LiveBytes) -> list:
+    owners: dict[str, dict[int, tuple[nn.Module, int]]] = {}  # group -> {id(layer): (layer, its weights' bytes)}
+    for name, tensor in model.named_parameters():
+        group = stream_group(f"{component}.{name}")
+        if group is not None:
+            layer = model.get_submodule(name.rpartition(".")[0])
+            _, before = owners.setdefault(group, {}).get(id(layer), (layer, 0))
+            owners[group][id(layer)] = (layer, before + tensor.numel() * tensor.element_size())
+    handles = []
+    for group, layers in owners.items():
+        state = {"seen": set(), "bytes": 0}
+
+        def start(*_, state=state) -> None:
+            state["seen"].clear()
+            state["bytes"] = 0
+
+        def end(*_, state=state) -> None:
+            counter.add(-state["bytes"])
+            start(state=state)
+
+        def touch(layer: nn.Module, *_, state=state, layers=layers) -> None:
+            if id(layer) not in state["seen"]:
+                state["seen"].add(id(layer))
+                nbytes = layers[id(layer)][1]
+                state["bytes"] += nbytes
+                counter.add(nbytes)
+        module = model.get_submodule(group[len(component) + 1:])
+        handles.append(module.register_forward_pre_hook(start))
+        handles.append(module.register_forward_hook(end))
+        for layer, _ in layers.values():
+            handles.append(layer.register_forward_pre_hook(touch))
+    return handles
+
+
 def _trace(run, model: nn.Module, component: str, groups: dict[str, int], prefetch: bool, scratch: bool) -> int:
     counter = LiveBytes(conv_scratch=scratch)
-    handles = _with_groups(model, component, groups, counter, prefetch)
+    # on the CPU (the conv scratch's device) a streamed group comes from the mapped file
+    handles = _with_groups(model, component, groups, counter, prefetch, touched=scratch == "cpu")
     try:
         with torch.inference_mode(), counter:
             run()
