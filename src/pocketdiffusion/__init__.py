@@ -68,8 +68,9 @@ def load(path: str | os.PathLike = "shapes", device: "str | torch.device | None"
                             unet_subfolder=model.unet_subfolder, ops=ops_for(plan), streaming=streaming,
                             host_components=("vae",) if parking else (), swap_layers=swap_layers_for(plan))
     if torch.device(device).type == "cpu":
-        from .memory.cpu_heap import reuse_during, trim_after
+        from .memory.cpu_heap import give_back, reuse_during, trim_after
         from .memory.store16 import reserve_scratch
+        give_back()  # what loading freed between the weights it kept
         reserve_scratch(parts.unet, next(parts.unet.parameters()).dtype, device)  # outside the heap reused below
         if plan.heap_reuse:
             reuse_during(parts.unet)  # its steps reuse the heap's blocks (no page faults), given back after each

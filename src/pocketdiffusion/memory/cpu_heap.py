@@ -82,8 +82,9 @@ def _enter_reuse(*_args) -> None:
     with _lock:
         _reusing += 1
         if _reusing == 1:  # every block from the heap, reused without a fault; nothing trimmed meanwhile
-            _libc.mallopt(M_MMAP_MAX, 0)
-            _libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM)
+            libc = _glibc()
+            libc.mallopt(M_MMAP_MAX, 0)
+            libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM)
 
 
 def _leave_reuse(*_args) -> None:
@@ -91,15 +92,26 @@ def _leave_reuse(*_args) -> None:
     with _lock:
         _reusing -= 1
         if _reusing == 0:
-            _libc.mallopt(M_MMAP_MAX, MMAP_MAX)
-            _libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-            _libc.malloc_trim(0)  # the call's freed blocks go back to the OS, holes in the heap included
+            libc = _glibc()
+            libc.mallopt(M_MMAP_MAX, MMAP_MAX)
+            libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+            libc.malloc_trim(0)  # the call's freed blocks go back to the OS, holes in the heap included
 
 
 def _trim(*_args) -> None:
     with _lock:
         if _reusing == 0:
-            _libc.malloc_trim(0)
+            _glibc().malloc_trim(0)
+
+
+def give_back() -> bool:
+    """Hand the heap's free pages back to the OS now (after loading: quantizing tensor by tensor
+    leaves the small int8 weights between the freed fp32 temporaries, holes that no top trim
+    reaches; measured 128 MiB of heap for a 75 MiB int8 UNet). False where there is no glibc."""
+    if not return_freed_memory_to_os():
+        return False
+    _trim()
+    return True
 
 
 def trim_after(module: nn.Module) -> bool:

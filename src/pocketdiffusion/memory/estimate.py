@@ -10,7 +10,10 @@ generation runs (the UNet forward, `decode_latents` with its tiling) is executed
 under a dispatch mode that adds up the bytes of every tensor storage created and subtracts them
 when the storage is freed. The highest sum is the activation peak; in-place ops, skips popped
 as they are consumed and one-tile-at-a-time decoding are all counted as they happen. Streamed
-weights are added while their group runs (and, on CUDA, the next group, which is prefetched).
+weights are added while their group runs (and, on CUDA, the next group, which is prefetched; on
+the CPU, where a group is a view of the mapped file, each layer's weights from its first call).
+The CPU's swapped UNet layers (int8, 16-bit-stored) compute from one scratch buffer allocated at
+load (resident), and a UNet that reuses the heap holds its holes too (`CPU_HEAP_REUSE`).
 
 What it cannot see, the per-device overhead below, was measured (docs/BENCHMARKS.md, "Memory
 planner / minimal mode (CPU)").
@@ -39,9 +42,10 @@ MIB = 2 ** 20
 # traced and measured peaks was 41-45 MiB for balanced and minimal at 256 and 384 pixels.
 CPU_OVERHEAD = 48 * MIB
 # A UNet call that reuses the heap (memory/cpu_heap.py, `MemoryPlan.heap_reuse`) holds its live
-# tensors plus the holes between them: measured at SD1.5 512x512 balanced, 265-290 MiB above the
-# resident weights where the trace counts ~230 (the conv scratch included).
-CPU_HEAP_REUSE = 0.20
+# tensors plus the holes between them: measured at SD1.5 512x512 balanced (fp32 weights in the
+# same process, docs/BENCHMARKS.md), 265-290 MiB above the resident weights where the heap that
+# hands blocks back held 231.
+CPU_HEAP_REUSE = 0.15
 # The caching allocator's reserve above the allocated working sets (block rounding, expandable
 # segments growing in 2 MiB pages) and cuBLAS's workspace (32 MiB on Hopper, taken from the same
 # allocator). Calibrated on the H200 runs of docs/BENCHMARKS.md (SD1.5 512x512): the UNet steps

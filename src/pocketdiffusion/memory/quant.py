@@ -115,7 +115,13 @@ class _Int8Weight(nn.Module):
     stored_buffers = ("weight_int8", "weight_scale")
 
     def _init_weight(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        q, scale = quantize_per_channel(weight)
+        if weight.is_meta:
+            # A layer swapped before loading (shapes only): no arithmetic. On meta tensors it runs
+            # through torch._refs, whose first use imports torch._dynamo: 74 MiB and ~0.7 s of a load.
+            q = torch.empty(weight.shape, dtype=torch.int8, device="meta")
+            scale = torch.empty(weight.shape[0], dtype=scale_dtype_for(weight.dtype), device="meta")
+        else:
+            q, scale = quantize_per_channel(weight)
         self.register_buffer("weight_int8", q)
         self.register_buffer("weight_scale", scale)
         # The float layer's own bias Parameter: the same tensor, dtype and device (no copy).
