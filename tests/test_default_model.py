@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import pocketdiffusion
@@ -60,13 +61,24 @@ def test_prompt_following_meets_the_bars_and_int8_keeps_it():
     assert np.mean([psnr(a, b) for a, b in zip(balanced, low)]) >= 30.0
 
 
-def test_minimal_streaming_draws_the_balanced_pictures_bit_for_bit():
+def test_minimal_streaming_draws_the_resident_pictures_bit_for_bit():
     """Streaming changes where the weights come from, not the arithmetic: the pictures, hence the
-    classifier's scores, are balanced's exactly."""
-    _, balanced = generate_heldout(pocketdiffusion.load("shapes", device="cpu"), 12)
+    classifier's scores, are those of the same fp32 weights held resident (balanced on the CPU stores
+    the UNet's in fp16: its pictures are compared below)."""
+    _, resident = generate_heldout(pocketdiffusion.load("shapes", device="cpu", dtype=torch.float32), 12)
     _, minimal = generate_heldout(pocketdiffusion.load("shapes", device="cpu", memory="minimal"), 12)
-    for a, b in zip(balanced, minimal):
+    for a, b in zip(resident, minimal):
         assert np.array_equal(a, b)
+
+
+def test_balanced_fp16_store_stays_within_fp16_rounding_of_fp32():
+    """balanced on the CPU keeps the UNet's weights in fp16 and computes in fp32 (memory/store16.py):
+    the pictures of the fp32 weights, up to fp16 rounding (the issue's bar: PSNR >= 35 dB). Measured:
+    the 12 pictures are identical, since the shipped weights are fp16 already (the store is exact)."""
+    _, fp32 = generate_heldout(pocketdiffusion.load("shapes", device="cpu", dtype=torch.float32), 12)
+    _, balanced = generate_heldout(pocketdiffusion.load("shapes", device="cpu"), 12)
+    values = [psnr(a, b) for a, b in zip(fp32, balanced)]
+    assert np.mean(values) >= 35.0 and min(values) >= 30.0, values
 
 
 def one_object_scene(rng: np.random.Generator, position: str) -> shapes.Scene:

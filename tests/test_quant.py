@@ -287,3 +287,21 @@ def test_the_dequantization_scratch_gives_the_same_weight_in_one_buffer():
         assert torch.equal(scratch.dequantize(q, scale, torch.float32), dequantize(q, scale, torch.float32))
     (buffer,) = scratch.buffers.values()  # grown once to the largest, then reused
     assert buffer.numel() == big[0].numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quantizing_while_loading_gives_the_same_int8_weights(tmp_path, dtype):
+    """`low` quantizes each weight as the loader reads it (checkpoints/load.py `swap_layers`): the
+    int8 weights and scales of quantizing the loaded model afterwards, bit for bit (fp16: the
+    scales stay fp16, as on a GPU)."""
+    from pocketdiffusion.checkpoints import load
+    config = tiny_config("sd1")
+    folder = write_diffusers_folder(tmp_path / "sd1", config, diffusers_models(config))
+    during = load(folder, device="cpu", dtype=dtype, swap_layers=lambda models: quantize_(models["unet"]))
+    after = load(folder, device="cpu", dtype=dtype)
+    quantize_(after.unet)
+    a, b = during.unet.state_dict(), after.unet.state_dict()
+    assert set(a) == set(b) and any(k.endswith("weight_int8") for k in a)
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert during.unet.input_blocks[1][0].in_layers[2].weight_scale.dtype == (
+        torch.float16 if dtype == torch.float16 else torch.float32)
