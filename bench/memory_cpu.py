@@ -7,7 +7,9 @@ row runs in a fresh process with 2 threads: load, then one 512x512 txt2img, Eule
 batch 1. Peak = VmHWM (the process's own high-water mark, load included) minus the RSS right
 after `import torch` (DESIGN.md, Measuring). ms/step = median of the loop's steps after the first
 (each step timed end to end, as the sampler loop yields them); s/image = text encoding, all
-steps and the decode. `fast` is not a row: on the CPU it is balanced (memory/plan.py).
+steps and the decode. `fast` is not a row: on the CPU it is balanced (memory/plan.py). The last
+column is the planner's prediction of each of our rows (`pocketdiffusion plan`, memory/estimate.py)
+and its error against the measured peak.
 
     python bench/memory_cpu.py --steps 3 --modes balanced low minimal diffusers
 """
@@ -96,6 +98,17 @@ def measure(which: str, folder: Path, steps: int, size: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def planner_predictions(folder: Path, modes: list[str], size: int) -> dict[str, int]:
+    """`pocketdiffusion plan`'s predicted peak of each of our modes (memory/estimate.py), in bytes."""
+    sys.path.insert(0, str(SRC))
+    from pocketdiffusion.checkpoints.load import read_config
+    from pocketdiffusion.memory.estimate import predict
+    from pocketdiffusion.memory.plan import plan_for
+    config = read_config(folder)
+    return {mode: predict(config, plan_for(mode, "cpu"), "cpu", size, size).peak for mode in modes
+            if mode != "diffusers"}
+
+
 def load_average() -> float:
     return os.getloadavg()[0]
 
@@ -146,17 +159,21 @@ def main() -> None:
         if args.folder is None:
             shutil.rmtree(folder, ignore_errors=True)
     anchor = next((r for r in results if r["which"] == "diffusers"), None)
+    predicted = planner_predictions(folder, [r["which"] for r in results], args.size)
     print(f"\nSD1.5 random weights, {args.size}x{args.size}, {args.steps} steps Euler, CFG 7.5, batch 1, CPU fp32, "
           f"2 threads, torch {results[0]['torch']}")
     print(f"{'run':22s} {'peak MiB':>9s} {'ms/step':>9s} {'vs diffusers':>13s} {'s/image':>8s} {'load s':>7s} "
-          f"{'load avg':>9s}")
+          f"{'load avg':>9s} {'predicted':>18s}")
     for r in results:
         name = "diffusers fp32" if r["which"] == "diffusers" else f"pocketdiffusion {r['which']}"
         ratio = f"{r['ms_per_step'] / anchor['ms_per_step']:.2f}x" if anchor else "-"
         # 2 threads of ours load the machine to about 2: well above, something else ran meanwhile
         disturbed = "  (disturbed: load rose above 2.5)" if r["load_after"] > 2.5 else ""
+        guess = predicted.get(r["which"])
+        guess = f"{guess / MIB:.0f} MiB ({(guess - r['peak']) / r['peak']:+.1%})" if guess else ""
         print(f"{name:22s} {r['peak'] / MIB:9.0f} {r['ms_per_step']:9.0f} {ratio:>13s} {r['image_s']:8.1f} "
-              f"{r['load_s']:7.1f} {r['load_before']:4.2f}/{r['load_after']:.2f}{disturbed}")
+              f"{r['load_s']:7.1f} {r['load_before']:4.2f}/{r['load_after']:5.2f} {guess:>18s}{disturbed}")
+        r["predicted"] = predicted.get(r["which"])
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 
