@@ -266,7 +266,7 @@ def _generation_options(parser: argparse.ArgumentParser, size_default: str, also
     model.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:N or mps (default: cuda when "
                                                           "available, else cpu)")
     model.add_argument("--memory", choices=MEMORY_MODES, default="balanced",
-                       help="memory mode: balanced keeps fp16 weights on GPUs, fp32 on the CPU; low "
+                       help="memory mode: balanced keeps fp16 weights (on the CPU the UNet's, computing in fp32); low "
                             "also stores the UNet's weights as int8, dequantized layer by layer; minimal "
                             "streams the weights block by block and tiles the VAE (`plan` says which "
                             "fits; default: balanced)")

@@ -8,7 +8,7 @@ Modes (`pocketdiffusion.load(memory=...)`):
   brought whole for its use (memory/residency.py), decoding untiled; the graph's activations stay
   reserved between calls.
   Elsewhere the same as balanced.
-- "balanced": fp16 weights on GPUs (fp32 on the CPU); on CUDA only the UNet stays on the device:
+- "balanced": fp16 weights (on the CPU the UNet's, computing in fp32); on CUDA only the UNet stays on the device:
   the text encoders and the VAE stream from pinned host memory block by block and the VAE decodes
   above 256x256 pixels in tiles (`stream_text`, `stream_vae`); on the CPU the
   UNet's weights are stored in fp16 and computed in fp32 (`unet_store`, memory/store16.py) and the
