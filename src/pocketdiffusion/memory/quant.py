@@ -209,17 +209,22 @@ class Int8Conv2d(_Int8Weight):
         return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._weight_and_bias(x)
-        if self.padding_mode != "zeros":
-            # As nn.Conv2d._conv_forward: pad explicitly in that mode, then convolve unpadded.
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return conv2d_like(self, x, *self._weight_and_bias(x))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
                 f"bias={self.bias is not None}")
+
+
+def conv2d_like(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`layer`'s convolution (its stride, padding and padding mode, dilation, groups) with the weight
+    given: what the int8 and 16-bit-stored convs (memory/store16.py) share. As nn.Conv2d._conv_forward,
+    a non-"zeros" padding mode pads explicitly, then convolves unpadded."""
+    if layer.padding_mode != "zeros":
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        return F.conv2d(x, weight, bias, layer.stride, 0, layer.dilation, layer.groups)
+    return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
 INT8_LAYERS = (Int8Linear, Int8Conv2d)

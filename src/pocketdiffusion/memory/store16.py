@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quant import conv2d_like
+
 STORE_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -180,11 +182,7 @@ class Stored16Conv2d(_Stored16Weight):
         return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._weight_and_bias(x)
-        if self.padding_mode != "zeros":  # as nn.Conv2d._conv_forward
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return conv2d_like(self, x, *self._weight_and_bias(x))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
