@@ -60,9 +60,10 @@ def test_replay_equals_the_eager_call_and_takes_new_inputs():
 @cuda
 def test_a_graphed_pipeline_gives_the_eager_pictures_and_captures_once(tiny_sd1):
     pipe = pocketdiffusion.load(tiny_sd1, device="cuda")
+    pipe.use_plan(pipe.plan.with_(cuda_graphs=False, graphs_per_run=False))
     settings = {"steps": 4, "width": 64, "height": 64, "cfg": 5.0}
     eager = [np.asarray(pipe.generate(p, seed=s, **settings)[0], np.int16) for p, s in (("a cat", 1), ("a dog", 2))]
-    pipe.use_plan(pipe.plan.with_(cuda_graphs=True))
+    pipe.use_plan(pipe.plan.with_(cuda_graphs=True))  # kept across generations, as fast keeps them
     assert isinstance(pipe.model_call, GraphedModel)
     graphed = [np.asarray(pipe.generate(p, seed=s, **settings)[0], np.int16) for p, s in (("a cat", 1), ("a dog", 2))]
     for a, b in zip(eager, graphed):
@@ -73,7 +74,11 @@ def test_a_graphed_pipeline_gives_the_eager_pictures_and_captures_once(tiny_sd1)
 def test_the_fast_mode_graphs_only_on_cuda_and_falls_back_to_balanced():
     from pocketdiffusion.memory.plan import lower_plan, plan_for
     assert plan_for("fast", "cuda").cuda_graphs and not plan_for("fast", "cpu").cuda_graphs
-    assert not plan_for("balanced", "cuda").cuda_graphs
+    assert not plan_for("fast", "cuda").graphs_per_run  # fast keeps its graphs across generations
+    for mode in ("balanced", "low"):  # eager UNet graphed per generation; minimal streams, so never
+        assert plan_for(mode, "cuda").cuda_graphs and plan_for(mode, "cuda").graphs_per_run
+        assert not plan_for(mode, "cpu").cuda_graphs
+    assert not plan_for("minimal", "cuda").cuda_graphs
     lower = lower_plan(plan_for("fast", "cuda"))
     assert lower.mode == "balanced" and not lower.cuda_graphs  # an OOM first gives up the graphs
 
@@ -85,3 +90,39 @@ def test_fast_on_the_cpu_gives_the_balanced_pictures(tiny_sd1):
     balanced = pocketdiffusion.load(tiny_sd1, device="cpu")
     assert np.array_equal(np.asarray(fast.generate("a cat", **settings)[0]),
                           np.asarray(balanced.generate("a cat", **settings)[0]))
+
+
+@cuda
+def test_per_run_graphs_run_the_first_call_eager_and_give_their_memory_back():
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Conv2d(4, 64, 3, padding=1), torch.nn.SiLU(),
+                                torch.nn.Conv2d(64, 4, 1)).cuda()
+
+    def model(x, t, *, context):
+        return layer(x) * t[:, None, None, None] + context.mean()
+
+    graphed = GraphedModel(model, first_call_eager=True)
+    x = torch.randn(2, 4, 128, 128, device="cuda")
+    t, ctx = torch.rand(2, device="cuda"), torch.randn(2, 5, 8, device="cuda")
+    with torch.inference_mode():
+        expected = model(x, t, context=ctx)
+        assert torch.equal(graphed(x, t, context=ctx), expected) and graphed.captures == 0  # eager
+        assert torch.equal(graphed(x, t, context=ctx), expected) and graphed.captures == 1  # captured
+        held = torch.cuda.memory_reserved()
+        graphed.release()
+        assert torch.cuda.memory_reserved() < held  # the pool (the 64-channel activations) is gone
+        assert torch.equal(graphed(x, t, context=ctx), expected) and graphed.captures == 1  # eager again
+        assert torch.equal(graphed(x, t, context=ctx), expected) and graphed.captures == 2
+
+
+@cuda
+def test_balanced_on_cuda_graphs_each_generation_and_equals_the_eager_pictures(tiny_sd1):
+    pipe = pocketdiffusion.load(tiny_sd1, device="cuda")
+    assert pipe.plan.graphs_per_run and isinstance(pipe.model_call, GraphedModel)
+    settings = {"steps": 4, "width": 64, "height": 64, "cfg": 5.0}
+    graphed = [np.asarray(pipe.generate(p, seed=s, **settings)[0], np.int16) for p, s in (("a cat", 1), ("a dog", 2))]
+    assert pipe.model_call.captures == 2 and not pipe.model_call._graphs  # one per generation, freed after
+    pipe.use_plan(pipe.plan.with_(cuda_graphs=False, graphs_per_run=False))
+    eager = [np.asarray(pipe.generate(p, seed=s, **settings)[0], np.int16) for p, s in (("a cat", 1), ("a dog", 2))]
+    for a, b in zip(eager, graphed):
+        assert np.abs(a - b).max() <= 1

@@ -53,7 +53,8 @@ def test_which_plans_park_or_stream_on_cuda():
     assert fast.park_idle and fast.stream_text and not fast.stream_vae and fast.cuda_graphs and fast.compile
     for mode in ("balanced", "low"):  # memory: both the text encoders and the VAE stream, tiled decode
         plan = plan_for(mode, "cuda")
-        assert plan.stream_text and plan.stream_vae and not plan.park_idle and not plan.cuda_graphs
+        assert plan.stream_text and plan.stream_vae and not plan.park_idle
+        assert plan.cuda_graphs and plan.graphs_per_run  # captured per generation, freed before the decode
         assert plan.vae_tile_above == 256 * 256
     assert not plan_for("minimal", "cuda").park_idle  # everything streamed instead
     assert not plan_for("balanced", "cpu").park_idle  # nowhere to park on the CPU
@@ -61,8 +62,11 @@ def test_which_plans_park_or_stream_on_cuda():
 
 def test_the_plan_command_says_where_the_weights_live():
     from pocketdiffusion.cli_plan import describe_residency, describe_tiling
-    assert describe_residency(plan_for("balanced", "cuda")) == "UNet resident; text encoders and VAE streamed"
-    assert describe_residency(plan_for("low", "cuda")).startswith("UNet int8; text encoders and VAE streamed")
+    assert describe_residency(plan_for("balanced", "cuda")) == (
+        "UNet resident, CUDA graphs captured per generation; text encoders and VAE streamed")
+    assert describe_residency(plan_for("low", "cuda")).startswith(
+        "UNet int8, CUDA graphs captured per generation; text encoders and VAE streamed")
+    assert describe_residency(plan_for("balanced", "cpu")).startswith("UNet stored 16-bit; ")
     fast = describe_residency(plan_for("fast", "cuda"))
     assert "compiled, CUDA graphs" in fast and "VAE parked in host memory" in fast
     assert describe_residency(plan_for("minimal", "cuda")) == "all weights streamed block by block"

@@ -33,7 +33,8 @@ def describe_residency(plan) -> str:
         return "all weights streamed block by block"
     unet = "UNet int8" if plan.quantize_unet else f"UNet {'stored 16-bit' if plan.unet_store else 'resident'}"
     others = [name for name, on in (("text encoders", plan.stream_text), ("VAE", plan.stream_vae)) if on]
-    parts = [unet + (", compiled" if plan.compile else "") + (", CUDA graphs" if plan.cuda_graphs else "")]
+    graphs = ", CUDA graphs" + (" captured per generation" if plan.graphs_per_run else "") if plan.cuda_graphs else ""
+    parts = [unet + (", compiled" if plan.compile else "") + graphs]
     if others:
         parts.append(" and ".join(others) + " streamed")
     if plan.park_idle:

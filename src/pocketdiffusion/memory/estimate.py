@@ -158,7 +158,7 @@ def predict(config: ModelConfig, plan: MemoryPlan, device: torch.device | str, w
     overhead = CPU_OVERHEAD if device.type != "cuda" else 0
     if device.type == "cuda":
         text, unet, vae = (int((v + CUDA_WORKSPACE) * (1 + CUDA_RESERVE)) for v in (text, unet, vae))
-        if plan.cuda_graphs:  # the graph pool keeps the UNet call's working set through the other phases
+        if plan.cuda_graphs and not plan.graphs_per_run:  # the kept graph pool holds the UNet's working set
             text, vae = text + unet, vae + unet
     return Prediction(plan, resident, text, unet, vae, overhead)
 

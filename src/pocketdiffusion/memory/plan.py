@@ -10,7 +10,9 @@ Modes (`pocketdiffusion.load(memory=...)`):
   Elsewhere the same as balanced.
 - "balanced": fp16 weights (on the CPU the UNet's, computing in fp32); on CUDA only the UNet stays on the device:
   the text encoders and the VAE stream from pinned host memory block by block and the VAE decodes
-  above 256x256 pixels in tiles (`stream_text`, `stream_vae`); on the CPU the
+  above 256x256 pixels in tiles (`stream_text`, `stream_vae`), and the eager UNet's steps replay
+  from CUDA graphs captured per generation (`graphs_per_run`: the eager step is host-bound, ~2x
+  the GPU's time; the graphs are freed before the decode, so the peak stays the eager one); on the CPU the
   UNet's weights are stored in fp16 and computed in fp32 (`unet_store`, memory/store16.py) and the
   text encoders and the VAE stream block by block from the mapped file (`stream_text`, `stream_vae`);
   SDPA attention on CUDA and the CPU (both
@@ -41,6 +43,10 @@ class MemoryPlan:
     quantize_unet: bool = False  # int8 weight-only (memory/quant.py)
     stream_weights: bool = False  # block by block from the file / pinned memory (memory/streaming.py)
     cuda_graphs: bool = False  # replay the UNet call from CUDA graphs (speed/cuda_graphs.py; CUDA, resident weights)
+    # The graphs captured anew in each generation (its first step eager) and freed before the
+    # decode, so that they keep no memory outside the steps (balanced/low); else kept across
+    # generations, their pool reserved throughout (fast).
+    graphs_per_run: bool = False
     # CUDA, a resident UNet: the VAE waits in pinned host memory between its uses
     # (memory/residency.py) and the text encoders are streamed layer by layer from there
     # (memory/streaming.py), so the UNet never shares the device with a whole text encoder
@@ -91,7 +97,8 @@ def plan_for(mode: str, device: torch.device | str) -> MemoryPlan:
         # (tile 32: 1028 MiB allocated in the decode against 1002 in the steps; tile 24: 961).
         tile, overlap = (24, 6) if mode == "low" else (32, 8)
         return MemoryPlan(mode=mode, attention=attention, quantize_unet=mode == "low", stream_text=True,
-                          stream_vae=True, vae_tile_above=256 * 256, vae_tile=tile, vae_tile_overlap=overlap)
+                          stream_vae=True, vae_tile_above=256 * 256, vae_tile=tile, vae_tile_overlap=overlap,
+                          cuda_graphs=True, graphs_per_run=True)
     if device.type == "cpu":
         # Only the UNet is resident, in fp16 (balanced, fast) or int8 (low), computing in fp32; the
         # text encoders and the VAE stay in the mapped file and stream block by block for their one
@@ -145,8 +152,8 @@ def lower_plan(plan: MemoryPlan) -> MemoryPlan | None:
     """The next plan down after an out-of-memory: balanced (no CUDA graphs), int8 UNet weights, then the VAE tiled at every
     size; None when there is nothing lower left to try. (A streamed plan is the lowest there is:
     its int8 counterpart would hold the whole UNet resident.)"""
-    if plan.cuda_graphs or plan.mode == "fast":  # first give up the graphs' reserved activations
-        return plan.with_(mode="balanced", cuda_graphs=False, compile=False)
+    if plan.mode == "fast":  # first give up the graphs' reserved activations
+        return plan.with_(mode="balanced", cuda_graphs=False, compile=False, graphs_per_run=False)
     if plan.stream_weights:
         return plan.with_(vae_tile_above=0) if plan.vae_tile_above != 0 else None
     if not plan.quantize_unet:

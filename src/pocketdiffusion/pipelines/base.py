@@ -83,10 +83,11 @@ def _unet_call(unet):
     return call
 
 
-def model_call(parts: Components, cuda_graphs: bool = False, compile: bool = False):
+def model_call(parts: Components, cuda_graphs: bool = False, compile: bool = False, graphs_per_run: bool = False):
     """The UNet as `model(x_in, t, **cond)`: eager or compiled (speed/compile.py), and replayed from
     CUDA graphs or not (the caller keeps the object across runs, so that a graph is captured, and
-    the UNet compiled, once per signature)."""
+    the UNet compiled, once per signature; `graphs_per_run`: captured after an eager first call
+    and released by the caller after each run's steps)."""
     unet = parts.unet
     if compile:
         from ..speed.compile import compile_unet
@@ -94,7 +95,7 @@ def model_call(parts: Components, cuda_graphs: bool = False, compile: bool = Fal
     call = _unet_call(unet)
     if cuda_graphs:
         from ..speed import GraphedModel
-        return GraphedModel(call)
+        return GraphedModel(call, first_call_eager=graphs_per_run)
     return call
 
 

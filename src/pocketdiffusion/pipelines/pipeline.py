@@ -101,13 +101,19 @@ class Run:
             if prepared.wrap is not None:
                 denoiser = prepared.wrap(denoiser)
         x, index = prepared.x, first_index
-        if len(prepared.sigmas) > 1:
-            for sampler_step in _outside_inference_mode(
-                    denoise(self.spec, denoiser, x, prepared.sigmas, setup.generators)):
-                x = sampler_step.x
-                yield Step(index=index, total=self.total_steps, batch=batch, latents=x,
-                           denoised=sampler_step.denoised, sigma=float(sampler_step.sigma), _preview=pipe.previewer)
-                index += 1
+        try:
+            if len(prepared.sigmas) > 1:
+                for sampler_step in _outside_inference_mode(
+                        denoise(self.spec, denoiser, x, prepared.sigmas, setup.generators)):
+                    x = sampler_step.x
+                    yield Step(index=index, total=self.total_steps, batch=batch, latents=x,
+                               denoised=sampler_step.denoised, sigma=float(sampler_step.sigma),
+                               _preview=pipe.previewer)
+                    index += 1
+        finally:  # also when cancelled or failed: per-run graphs keep no memory past the steps
+            release = getattr(pipe.model_call, "release", None)
+            if pipe.plan.graphs_per_run and release is not None:
+                release()
         with torch.inference_mode():
             return prepared.finish(x)
 
@@ -179,7 +185,7 @@ class Pipeline:
         the UNet is on CUDA (kept here, across runs), else eager."""
         on_cuda = next(self.parts.unet.parameters()).device.type == "cuda"
         return model_call(self.parts, cuda_graphs=self.plan.cuda_graphs and on_cuda,
-                          compile=self.plan.compile and on_cuda)
+                          compile=self.plan.compile and on_cuda, graphs_per_run=self.plan.graphs_per_run)
 
     def use_plan(self, plan: MemoryPlan) -> None:
         """Switch to another memory plan in place (quantizing the UNet if it asks for int8)."""

@@ -11,8 +11,19 @@ signature (a few, least recently used first out) in one shared memory pool, so a
 resolution captures once and repeated generations reuse the graph, including new prompts:
 the conditioning tensors are inputs too, not constants baked into the graph.
 
-Requirements (the `fast` plan guarantees them): CUDA tensors, weights that stay where they are
-(no offloading or streaming: a graph holds raw device pointers), no host syncs inside the model.
+Two ways to warm up (`first_call_eager`):
+- False (`fast`, compiled): two calls on a side stream (they compile), then the capture; the
+  graphs stay for the next runs, so their pool keeps the UNet's activations reserved between
+  generations (fast's memory, memory/estimate.py).
+- True (balanced/low on CUDA, eager): a signature's first call runs eagerly on the current stream
+  and returns its real output (the warm-up costs no extra call), the allocator's cache is emptied
+  (else the capture's pool would stack on the eager call's cached blocks), and the second call
+  captures. The pipeline calls `release()` after the denoising loop, so the decoder gets the
+  pool's memory back: these plans keep their eager peak, and each generation captures anew (about
+  one eager call's host time).
+
+Requirements (the plans guarantee them): CUDA tensors, weights that stay where they are (no
+offloading or streaming: a graph holds raw device pointers), no host syncs inside the model.
 """
 from __future__ import annotations
 
@@ -43,14 +54,28 @@ class _Captured:
 class GraphedModel:
     """`model(x_in, t, **cond)` replayed from CUDA graphs, one per call signature."""
 
-    def __init__(self, model: Callable[..., torch.Tensor], max_graphs: int = MAX_GRAPHS):
+    def __init__(self, model: Callable[..., torch.Tensor], max_graphs: int = MAX_GRAPHS, *,
+                 first_call_eager: bool = False):
         if not callable(model):
             raise TypeError(f"GraphedModel wraps a callable model(x_in, t, **cond), got {type(model).__name__}")
         self.model = model
         self.max_graphs = max_graphs
+        self.first_call_eager = first_call_eager
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        self._seen: set[tuple] = set()  # signatures whose eager first call has run (first_call_eager)
         self._pool = None
         self.captures = 0  # how many graphs were captured (a test and the benchmark read it)
+
+    def release(self) -> None:
+        """Free every graph and its memory pool (the next call of a signature starts over). The
+        pipeline calls this after the denoising loop of plans that capture per generation."""
+        if not self._graphs and not self._seen:
+            return
+        torch.cuda.synchronize()  # the last replay's kernels still read the pool
+        self._graphs.clear()
+        self._seen.clear()
+        self._pool = None
+        torch.cuda.empty_cache()
 
     def __call__(self, x_in: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
         names = sorted(cond)
@@ -61,6 +86,9 @@ class GraphedModel:
         key = tuple((tuple(v.shape), v.dtype, v.device) for v in tensors) + tuple(
             (n, None if isinstance(cond[n], torch.Tensor) else cond[n]) for n in names)
         captured = self._graphs.get(key)
+        if captured is None and self.first_call_eager and key not in self._seen:
+            self._seen.add(key)
+            return self.model(x_in, t, **cond)  # the warm-up, and this step's real output
         if captured is None:
             captured = self._capture(x_in, t, cond, names)
             self._graphs[key] = captured
@@ -79,12 +107,18 @@ class GraphedModel:
         def call() -> torch.Tensor:
             return self.model(static["x_in"], static["t"], **static_cond)
 
-        side = torch.cuda.Stream(device=x_in.device)
-        side.wait_stream(torch.cuda.current_stream(x_in.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_CALLS):
-                call()
-        torch.cuda.current_stream(x_in.device).wait_stream(side)
+        if self.first_call_eager:
+            # Warmed up by the eager first call; its activations sit in the allocator's cache, which
+            # the capture's private pool cannot use: give them back first.
+            torch.cuda.synchronize(x_in.device)
+            torch.cuda.empty_cache()
+        else:
+            side = torch.cuda.Stream(device=x_in.device)
+            side.wait_stream(torch.cuda.current_stream(x_in.device))
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_CALLS):
+                    call()
+            torch.cuda.current_stream(x_in.device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
