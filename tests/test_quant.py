@@ -14,6 +14,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import pocketdiffusion
@@ -305,3 +306,28 @@ def test_quantizing_while_loading_gives_the_same_int8_weights(tmp_path, dtype):
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     assert during.unet.input_blocks[1][0].in_layers[2].weight_scale.dtype == (
         torch.float16 if dtype == torch.float16 else torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_the_largest_layers_dequantize_in_output_slices_through_a_smaller_buffer(monkeypatch, kind):
+    """Above SLICE_ELEMENTS weight elements a layer computes slice by slice of its output channels,
+    each slice dequantized into the shared buffer: the same output as the whole weight at once, and
+    a buffer the size of one slice."""
+    import pocketdiffusion.memory.quant as quant
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 100)) if kind == "linear" else nn.Sequential(nn.Conv2d(16, 100, 3, padding=1))
+    x = torch.randn(2, 5, 64) if kind == "linear" else torch.randn(2, 16, 6, 6)
+    monkeypatch.setattr(quant, "SLICE_ELEMENTS", -(-model[0].weight.numel() // 3))
+    quantize_(model, min_params=1)
+    layer = model[0]
+    slices = layer.output_slices()
+    assert len(slices) == 3 and [len(range(100)[s]) for s in slices] == [34, 34, 32]
+    whole = (F.linear(x, layer.dequantized_weight(), layer.bias) if kind == "linear"
+             else F.conv2d(x, layer.dequantized_weight(), layer.bias, padding=1))
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5)
+    assert layer.scratch.nbytes() == layer.weight_int8[:34].numel() * 4  # one slice of fp32, not the layer
+    assert layer.scratch.size_hint == layer.weight_int8[:34].numel()
+    grouped = Int8Conv2d.from_float(nn.Conv2d(16, 100, 3, groups=4))
+    assert grouped.output_slices() == [slice(None)]  # slicing a grouped conv's outputs would cut its groups

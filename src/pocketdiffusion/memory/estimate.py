@@ -172,16 +172,21 @@ def _use_meta_scratch(unet: nn.Module, dtype: torch.dtype) -> int:
     layers = [m for m in unet.modules() if isinstance(m, (*INT8_LAYERS, *STORED16_LAYERS))]
     if not layers:
         return 0
-    shapes = [m.weight_shape for m in layers]
-    numel = max(torch.Size(s).numel() for s in shapes)
+    # int8 layers dequantize their largest layers in slices of output channels (quant.SLICE_ELEMENTS)
+    def slices(layer: nn.Module) -> list[slice]:
+        return layer.output_slices() if isinstance(layer, INT8_LAYERS) else [slice(None)]
+    numel = max(torch.Size(m.weight_shape)[1:].numel() * len(range(m.weight_shape[0])[rows])
+                for m in layers for rows in slices(m))
     buffer = torch.empty(numel, dtype=dtype, device="meta")
 
     def from_buffer(layer: nn.Module, shape: tuple[int, ...]):
-        def weight_and_bias(x: torch.Tensor):
-            return buffer[:torch.Size(shape).numel()].view(shape), None if layer.bias is None else layer.bias.to(x.dtype)
+        def weight_and_bias(x: torch.Tensor, rows: slice = slice(None)):
+            out = (len(range(shape[0])[rows]), *shape[1:])
+            return (buffer[:torch.Size(out).numel()].view(out),
+                    None if layer.bias is None else layer.bias[rows].to(x.dtype))
         return weight_and_bias
-    for layer, shape in zip(layers, shapes):
-        layer._weight_and_bias = from_buffer(layer, shape)  # an instance attribute, on the meta copy only
+    for layer in layers:
+        layer._weight_and_bias = from_buffer(layer, layer.weight_shape)  # an instance attribute, on the meta copy only
     return numel * buffer.element_size()
 
 

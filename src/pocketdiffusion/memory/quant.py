@@ -18,6 +18,7 @@ int8 UNet (weights dequantized per layer on use).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,6 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 INT8_MAX = 127  # symmetric range [-127, 127]: -128 is never used, so negation stays exact
+# A layer with more weight elements computes in slices of its output channels, each dequantized
+# into the shared buffer in turn, so the buffer is one slice of at most this many elements instead
+# of the largest layer: SD1.5's 2560->1280 3x3 convs are 29.5 M elements (56 MiB in fp16; 8 M: 15
+# MiB). Those layers run at the UNet's lowest resolutions, where the sliced outputs and their
+# concatenation are a few MiB.
+SLICE_ELEMENTS = 2 ** 23
 
 
 # ---- the quantize / dequantize math ---------------------------------------------------------------
@@ -144,17 +151,37 @@ class _Int8Weight(nn.Module):
         """The float weight this layer computes with (`dtype`: default the scales' dtype)."""
         return dequantize(self.weight_int8, self.weight_scale, dtype or self.weight_scale.dtype)
 
-    def _weight_and_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def output_slices(self) -> list[slice]:
+        """The output channels each dequantization covers: all at once, or slices of at most
+        SLICE_ELEMENTS weight elements for the largest layers."""
+        rows, *rest = self.weight_int8.shape
+        count = -(-rows * math.prod(rest) // SLICE_ELEMENTS)
+        if count <= 1 or getattr(self, "groups", 1) != 1:  # a grouped conv's slices would cut its groups
+            return [slice(None)]
+        step = -(-rows // count)
+        return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+    def _weight_and_bias(self, x: torch.Tensor, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The float weight (and bias) of output channels `rows`, in x's dtype."""
         if not x.is_floating_point():
             raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = None if self.bias is None else self.bias[rows].to(x.dtype)
+        q, scale = self.weight_int8[rows], self.weight_scale[rows]
         scratch = getattr(self, "scratch", None)
         # The shared buffer without autograd only (a graph would keep the weight for backward). On
         # the CPU too: a fresh weight per layer per step fragmented the heap that a UNet call reuses
         # (memory/cpu_heap.py; SD1.5 512 low: its step's peak grew 444 -> 612 -> 715 MiB over 3 steps).
         if scratch is not None and x.device.type in ("cuda", "cpu") and not torch.is_grad_enabled():
-            return scratch.dequantize(self.weight_int8, self.weight_scale, x.dtype), bias
-        return self.dequantized_weight(x.dtype), bias
+            return scratch.dequantize(q, scale, x.dtype), bias
+        return dequantize(q, scale, x.dtype), bias
+
+    def _sliced(self, x: torch.Tensor, compute, dim: int) -> torch.Tensor:
+        """`compute(x, weight, bias)` over the output slices, concatenated along `dim`. One stream
+        orders each slice's dequantization after the previous slice's kernel has read the buffer."""
+        slices = self.output_slices()
+        if len(slices) == 1:
+            return compute(x, *self._weight_and_bias(x))
+        return torch.cat([compute(x, *self._weight_and_bias(x, rows)) for rows in slices], dim=dim)
 
 
 class Int8Linear(_Int8Weight):
@@ -174,8 +201,7 @@ class Int8Linear(_Int8Weight):
         return cls(layer.weight, layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._weight_and_bias(x)
-        return F.linear(x, weight, bias)
+        return self._sliced(x, F.linear, dim=-1)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -209,7 +235,7 @@ class Int8Conv2d(_Int8Weight):
         return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv2d_like(self, x, *self._weight_and_bias(x))
+        return self._sliced(x, lambda x, weight, bias: conv2d_like(self, x, weight, bias), dim=1)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -311,7 +337,8 @@ def quantize_(model: nn.Module, *, min_params: int = 4096,
             int8.train(child.training)
             object.__setattr__(int8, "scratch", scratch)  # a plain attribute: not a submodule, not in state_dict
             replaced[id(child)] = int8
-            scratch.size_hint = max(scratch.size_hint, child.weight.numel())
+            scratch.size_hint = max(scratch.size_hint, max(int8.weight_int8[rows].numel()
+                                                               for rows in int8.output_slices()))
             layers += 1
             params += child.weight.numel()
             bytes_before += _bytes(child.weight, child.bias)
