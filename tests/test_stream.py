@@ -74,9 +74,14 @@ def test_groups_are_fetched_in_execution_order_and_the_successor_prefetched(tmp_
         first = list(streamer.fetched)
         assert first[0] == "unet.input_blocks.0.0" and first[-1].startswith("unet.output_blocks.")
         middle = first.index("unet.middle_block.0")
-        # a transformer block's group comes right after its transformer's (nested in it)
-        assert first[middle:middle + 4] == ["unet.middle_block.0", "unet.middle_block.1",
-                                            "unet.middle_block.1.transformer_blocks.0", "unet.middle_block.2"]
+        # a layer's group comes right after its block's (nested in it), in the order they run;
+        # a transformer block's after its transformer's
+        block = "unet.middle_block.1.transformer_blocks.0"
+        assert first[middle:middle + 11] == [
+            "unet.middle_block.0", *(f"unet.middle_block.0.{layer}" for layer in ("in_layers.2", "emb_layers.1",
+                                                                                   "out_layers.3")),
+            "unet.middle_block.1", block, f"{block}.attn1", f"{block}.attn2", f"{block}.ff",
+            "unet.middle_block.2", "unet.middle_block.2.in_layers.2"]
         assert all(g.startswith("unet.input_blocks.") for g in first[:middle])
         assert not started  # the first pass knows no order yet: nothing prefetched
         parts.unet(x, 5.0, context)
@@ -131,10 +136,18 @@ def test_host_transport_copies_exactly(tmp_path):
 
 
 def test_which_weights_stream():
+    # The UNet's big layers are groups of their own, nested in their block's (norms, projections)
     assert stream_group("unet.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight") == \
+        "unet.input_blocks.4.1.transformer_blocks.0.attn1"
+    assert stream_group("unet.input_blocks.4.1.transformer_blocks.0.ff.net.0.proj.weight") == \
+        "unet.input_blocks.4.1.transformer_blocks.0.ff"
+    assert stream_group("unet.input_blocks.4.1.transformer_blocks.0.norm2.weight") == \
         "unet.input_blocks.4.1.transformer_blocks.0"
     assert stream_group("unet.input_blocks.4.1.proj_in.weight") == "unet.input_blocks.4.1"
     assert stream_group("unet.middle_block.2.in_layers.0.weight") == "unet.middle_block.2"
+    assert stream_group("unet.middle_block.2.in_layers.2.weight") == "unet.middle_block.2.in_layers.2"
+    assert stream_group("unet.output_blocks.3.0.skip_connection.bias") == "unet.output_blocks.3.0.skip_connection"
+    assert stream_group("unet.output_blocks.3.0.emb_layers.1.weight") == "unet.output_blocks.3.0.emb_layers.1"
     assert stream_group("text_encoders.1.text_model.encoder.layers.7.mlp.fc1.weight") == \
         "text_encoders.1.text_model.encoder.layers.7"
     assert stream_group("vae.decoder.up.3.block.2.conv1.weight") == "vae.decoder.up.3.block.2"
@@ -154,6 +167,9 @@ def test_packs_share_chunks_and_give_big_tensors_their_own():
     assert torch.equal(views["big"], big) and all(torch.equal(views[k], v) for k, v in smalls.items() if k != "s0")
     assert torch.equal(views["a"], smalls["s0"]) and torch.equal(views["a2"], big[:3])
     sizes = sorted(b.numel() for b in pack.buffers)
-    assert sizes == [2 * 2 ** 20, big.numel() * 2]  # the small ones share one chunk (cut to 2 MiB steps)
+    # the small ones share one chunk, under 1 MiB cut to 512-byte steps (the allocator's small blocks)
+    assert sizes == [20992, big.numel() * 2] and 20992 % 512 == 0
+    one_and_a_half = Pack.of({"x": torch.zeros(3 * 2 ** 18, dtype=torch.float16)}, pin=False)  # 1.5 MiB: in 2 MiB steps
+    assert [b.numel() for b in one_and_a_half.buffers] == [2 * 2 ** 20]
     many = {f"m{i}": torch.zeros(2 ** 20 // 4 * 3) for i in range(4)}  # 3 MiB each: 2 per 8 MiB chunk
     assert sorted(b.numel() for b in Pack.of(many, pin=False).buffers) == [6 * 2 ** 20] * 2  # 2 per chunk

@@ -235,7 +235,10 @@ def _with_groups(model: nn.Module, component: str, groups: dict[str, int], count
     if touched:
         return _with_touched_groups(model, component, groups, counter)
     handles = []
-    names = [n for n in groups if n.startswith(component + ".")]
+    # In the modules' order (a block's norms' group before its layers'), which is the order they
+    # run in but for a transformer block's feed-forward (defined before its cross-attention).
+    order = {f"{component}.{name}": i for i, (name, _) in enumerate(model.named_modules())}
+    names = sorted((n for n in groups if n.startswith(component + ".")), key=lambda n: order.get(n, -1))
     for index, name in enumerate(names):
         module = model.get_submodule(name[len(component) + 1:])
         extra = groups[names[index + 1]] if prefetch and index + 1 < len(names) else 0

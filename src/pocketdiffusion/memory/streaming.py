@@ -38,11 +38,18 @@ from torch import nn
 from ..checkpoints.stream import StreamedWeights
 
 # A streamed weight's group: the prefix of its target name that names the group's module.
-# The most specific rule first: a SpatialTransformer's blocks are groups of their own (SDXL's
-# deepest ones hold 10), nested in the group of the transformer's norm and projections.
+# The most specific rule first. The UNet's big layers are groups of their own: a ResBlock's convs,
+# its embedding projection and its skip conv, a transformer block's two attentions and its
+# feed-forward; each nests in the group of its block's norms (and a transformer block's in its
+# transformer's, with the norm and projections). Two groups are on the device at a time on CUDA
+# (the next one is prefetched): with whole blocks as groups that was two of SD1.5's 2560->1280
+# ResBlocks, ~190 MiB, most of the minimal mode's peak; with layers, at most two convs (~85 MiB).
+_UNET_BLOCK = r"^unet\.(input_blocks\.\d+\.\d+|middle_block\.\d+|output_blocks\.\d+\.\d+)\."
 GROUP_RULES = (
-    re.compile(r"^unet\.(input_blocks\.\d+\.\d+|middle_block\.\d+|output_blocks\.\d+\.\d+)\.transformer_blocks\.\d+\."),
-    re.compile(r"^unet\.(input_blocks\.\d+\.\d+|middle_block\.\d+|output_blocks\.\d+\.\d+)\."),
+    re.compile(_UNET_BLOCK + r"transformer_blocks\.\d+\.(attn1|attn2|ff)\."),
+    re.compile(_UNET_BLOCK + r"(in_layers\.2|emb_layers\.1|out_layers\.3|skip_connection)\."),
+    re.compile(_UNET_BLOCK + r"transformer_blocks\.\d+\."),
+    re.compile(_UNET_BLOCK),
     re.compile(r"^text_encoders\.\d+\.text_model\.encoder\.layers\.\d+\."),
     re.compile(r"^vae\.(encoder|decoder)\.((down|up)\.\d+\.(block\.\d+|downsample|upsample)|mid\.\w+)\."),
 )
@@ -179,6 +186,19 @@ PACK_ALIGN = 256  # bytes: every tensor of a pack starts on a boundary fit for v
 # one buffer per group (7-95 MiB each) the minimal mode reserved 392 MiB for 313 allocated.
 PACK_CHUNK = 8 * 2 ** 20
 PACK_STEP = 2 * 2 ** 20
+PACK_SMALL = 2 ** 20  # the CUDA caching allocator's small-block limit
+
+
+def _chunk_bytes(size: int) -> int:
+    """A pack buffer's size for `size` bytes of tensors: a big tensor's own; a group's last, partly
+    filled chunk only as large as needed, in the CUDA allocator's 2 MiB steps; a small group's
+    (a block's norms: a few KiB) in 512-byte steps, so that it comes from the allocator's pool of
+    small blocks instead of taking 2 MiB."""
+    if size > PACK_CHUNK:
+        return size
+    if size <= PACK_SMALL:
+        return -(-size // 512) * 512
+    return min(PACK_CHUNK, -(-size // PACK_STEP) * PACK_STEP)
 
 
 @dataclass
@@ -211,9 +231,7 @@ class Pack:
                 sizes.append(0)
             layout[target] = (used, offset, tensor.dtype, tuple(tensor.shape))
             sizes[used] = offset + nbytes
-        # A group's last, partly filled chunk only as large as needed, in the allocator's 2 MiB steps.
-        buffers = [torch.empty(size if size > PACK_CHUNK else min(PACK_CHUNK, -(-size // PACK_STEP) * PACK_STEP),
-                               dtype=torch.uint8, pin_memory=pin) for size in sizes]
+        buffers = [torch.empty(_chunk_bytes(size), dtype=torch.uint8, pin_memory=pin) for size in sizes]
         pack = cls(buffers, layout)
         for target, view in pack.views(buffers).items():
             view.copy_(tensors[target])
