@@ -69,11 +69,13 @@ if which.startswith("diffusers"):
 else:
     import ast
     import pocketdiffusion
+    import pocketdiffusion.memory.plan as plans
     mode, _, changes = which.partition(":")  # a variant: "balanced:vae_tile=24,vae_tile_overlap=6"
+    if changes:  # applied where load() reads the plan, so a variant may change what loading does too
+        fields = {k: ast.literal_eval(v) for k, v in (item.split("=") for item in changes.split(","))}
+        named_plan = plans.plan_for
+        plans.plan_for = lambda m, d: named_plan(m, d).with_(**fields) if m == mode else named_plan(m, d)
     pipe = pocketdiffusion.load(folder, device="cuda", memory=mode)
-    if changes:
-        pipe.use_plan(pipe.plan.with_(**{k: ast.literal_eval(v) for k, v in
-                                         (item.split("=") for item in changes.split(","))}))
     generate = lambda: pipe.generate(prompt, negative, steps=steps, cfg=7.5, sampler="euler", seed=0,
                                      width=size, height=size)
 torch.cuda.synchronize()
@@ -145,6 +147,31 @@ def measure(which: str, folder: Path, arch: str, steps: int, size: int, repeats:
         return {"which": which, "arch": arch, "size": size, "steps": steps, "error": error,
                 "stderr": done.stderr[-2000:]}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def check_variant(which: str) -> None:
+    """A row of ours: a mode, or `mode:field=value,...` with MemoryPlan fields and Python literals
+    (checked here, before any process starts, with what was wrong)."""
+    import ast
+    import dataclasses
+    mode, colon, changes = which.partition(":")
+    if mode not in OURS:
+        raise ValueError(f"unknown row {which!r}: expected one of {', '.join(OURS + THEIRS)} or mode:field=value,...")
+    if not colon:
+        return
+    sys.path.insert(0, str(SRC))
+    from pocketdiffusion.memory.plan import MemoryPlan
+    names = {f.name for f in dataclasses.fields(MemoryPlan)} - {"mode"}
+    for item in changes.split(","):
+        key, equals, value = item.partition("=")
+        if not equals or key not in names:
+            raise ValueError(f"{which!r}: {item!r} is not field=value with a MemoryPlan field "
+                             f"({', '.join(sorted(names))})")
+        try:
+            ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{which!r}: the value of {key} must be a Python literal (24, True, None), "
+                             f"got {value!r}") from None
 
 
 def label(which: str) -> str:
@@ -235,8 +262,11 @@ def main() -> None:
         plot_growth(results, args.plot)
         return
     for which in args.modes:
-        if which not in THEIRS and which.partition(":")[0] not in OURS:
-            ap.error(f"--modes: unknown row {which!r}")
+        if which not in THEIRS:
+            try:
+                check_variant(which)
+            except ValueError as error:
+                ap.error(f"--modes: {error}")
     folder = args.folder or Path(tempfile.mkdtemp(prefix=f"{args.arch}_gpu_"))
     sizes = args.growth or [args.size or (1024 if args.arch == "sdxl" else 512)]
     results = []
