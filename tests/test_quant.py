@@ -331,3 +331,19 @@ def test_the_largest_layers_dequantize_in_output_slices_through_a_smaller_buffer
     assert layer.scratch.size_hint == layer.weight_int8[:34].numel()
     grouped = Int8Conv2d.from_float(nn.Conv2d(16, 100, 3, groups=4))
     assert grouped.output_slices() == [slice(None)]  # slicing a grouped conv's outputs would cut its groups
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton dequantization kernel runs on CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_cuda_dequantization_kernel_equals_pytorchs_multiply_bit_for_bit(dtype):
+    from pocketdiffusion.memory.dequant_cuda import dequantize_into
+    from pocketdiffusion.memory.quant import quantize_per_channel
+    torch.manual_seed(0)
+    for shape in ((1280, 2560, 3, 3), (320, 4, 1, 1), (10240, 1280), (7, 5)):
+        q, scale = quantize_per_channel(torch.randn(*shape, device="cuda", dtype=dtype))
+        rows = slice(0, max(1, shape[0] // 3))  # an output slice, as the largest layers take them
+        for q_, s_ in ((q, scale), (q[rows], scale[rows])):
+            out = torch.empty(q_.shape, dtype=dtype, device="cuda")
+            assert dequantize_into(q_, s_.to(dtype), out)
+            expected = torch.mul(q_, s_.to(dtype).view(-1, *([1] * (q_.ndim - 1))))
+            assert torch.equal(out, expected)

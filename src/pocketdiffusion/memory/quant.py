@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dequant_cuda import dequantize_into
+
 INT8_MAX = 127  # symmetric range [-127, 127]: -128 is never used, so negation stays exact
 # A layer with more weight elements computes in slices of its output channels, each dequantized
 # into the shared buffer in turn, so the buffer is one slice of at most this many elements instead
@@ -106,7 +108,10 @@ class DequantScratch:
             with torch.inference_mode(False):  # a normal tensor, writable in and out of inference mode
                 buffer = self.buffers[key] = torch.empty(numel, dtype=dtype, device=q.device)
         out = buffer[:q.numel()].view(q.shape)
-        return torch.mul(q, scale.to(dtype).view(-1, *([1] * (q.ndim - 1))), out=out)
+        scale = scale.to(dtype)
+        if q.is_cuda and dequantize_into(q, scale, out):  # one vectorized pass (memory/dequant_cuda.py)
+            return out
+        return torch.mul(q, scale.view(-1, *([1] * (q.ndim - 1))), out=out)
 
 
 # ---- the layers -----------------------------------------------------------------------------------
