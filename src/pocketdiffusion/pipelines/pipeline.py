@@ -3,7 +3,6 @@
 `outpaint` are the one-call forms returning PIL images."""
 from __future__ import annotations
 
-import contextlib
 import difflib
 import random
 import warnings
@@ -115,10 +114,7 @@ class Run:
             release = getattr(pipe.model_call, "release", None)
             if pipe.plan.graphs_per_run and release is not None:
                 release()
-        # fast: the decode reuses the kept graphs' pool (their activations are free between steps)
-        share = getattr(pipe.model_call, "sharing_pool", None)
-        with torch.inference_mode(), (share() if share is not None and not pipe.plan.graphs_per_run
-                                      else contextlib.nullcontext()):
+        with torch.inference_mode():
             return prepared.finish(x)
 
     def _fall_back(self, error: Exception, retried: bool) -> bool:

@@ -27,14 +27,12 @@ offloading or streaming: a graph holds raw device pointers), no host syncs insid
 """
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-_LENDS_POOLS = hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool")
 MAX_GRAPHS = 4        # signatures kept (a resolution and a CFG layout each); older ones are freed
 WARMUP_CALLS = 2      # eager calls before capture: cuDNN picks its algorithms, caches fill
 
@@ -74,19 +72,8 @@ class GraphedModel:
         self.first_call_eager = first_call_eager
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self._seen: set[tuple] = set()  # signatures whose eager first call has run (first_call_eager)
-        self._pool = self._pool_id = None
+        self._pool = None
         self.captures = 0  # how many graphs were captured (a test and the benchmark read it)
-
-    def sharing_pool(self):
-        """A context in which eager CUDA allocations come from the kept graphs' pool (fast's decode):
-        between replays the graphs' activations are free memory, so the decoder reuses it instead
-        of adding its own on top (measured on the H100: fast's peak was the UNet + the graph pool +
-        an untiled decode, 2664 MiB). Safe in stream order: everything allocated in the context is
-        freed before the next replay (the next generation's first step). A no-op without graphs
-        or where PyTorch has no MemPool."""
-        if self._pool is None:
-            return contextlib.nullcontext()
-        return torch.cuda.use_mem_pool(self._pool)
 
     def release(self) -> None:
         """Free every graph and its memory pool (the next call of a signature starts over). The
@@ -96,7 +83,7 @@ class GraphedModel:
         torch.cuda.synchronize()  # the last replay's kernels still read the pool
         self._graphs.clear()
         self._seen.clear()
-        self._pool = self._pool_id = None
+        self._pool = None
         clear_cublas_workspaces()  # the capture stream's, which held on to a block of the pool
         torch.cuda.empty_cache()
 
@@ -145,11 +132,9 @@ class GraphedModel:
         clear_cublas_workspaces()
         torch.cuda.empty_cache()
         if self._pool is None:
-            # A MemPool where there is one (PyTorch >= 2.5): `sharing_pool` can then lend it.
-            self._pool = torch.cuda.MemPool() if _LENDS_POOLS and not self.first_call_eager else None
-            self._pool_id = self._pool.id if self._pool is not None else torch.cuda.graph_pool_handle()
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool_id):
+        with torch.cuda.graph(graph, pool=self._pool):
             output = call()
         self.captures += 1
         inputs = [static["x_in"], static["t"]] + [
