@@ -103,10 +103,18 @@ if not which.startswith("diffusers"):
             phases["text + step 1" if step.index == 0 else "steps"] = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
     phases["decode"] = torch.cuda.max_memory_allocated()
+# Where the reserved memory sits after the image (kept CUDA graphs' private pools vs the rest):
+# reserved and allocated MiB per pool, to tell the allocator's slack from live tensors.
+segments = {}
+for segment in torch.cuda.memory_snapshot():
+    pool = "graph pool" if tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0) else "general"
+    total = segments.setdefault(pool, [0, 0])
+    total[0] += segment["total_size"] / 2 ** 20
+    total[1] += segment["allocated_size"] / 2 ** 20
 import numpy as np
 pixels = np.asarray(images[0])
 print(json.dumps({"which": which, "arch": arch, "size": size, "steps": steps,
-                  "reserved": reserved, "allocated": allocated, "phases": phases,
+                  "reserved": reserved, "allocated": allocated, "phases": phases, "segments": segments,
                   "whole_reserved": max(whole_reserved, reserved), "whole_allocated": max(whole_allocated, allocated),
                   "s_per_image": statistics.median(times), "times": times, "load_s": loaded - t0,
                   "first_image_s": first_image_s, "finite": bool(np.isfinite(pixels).all()),
@@ -192,7 +200,9 @@ def print_table(results: list[dict]) -> None:
               f"{r['allocated'] / MIB:10.0f} {r['whole_reserved'] / MIB:10.0f} {r['s_per_image']:8.3f} "
               f"{1000 * r['s_per_image'] / r['steps']:8.1f} {r['first_image_s']:8.2f} {r['load_s']:7.1f}"
               + ("" if r["finite"] else "  (non-finite pixels!)")
-              + ("  phases " + ", ".join(f"{k} {v / MIB:.0f}" for k, v in r["phases"].items()) if r.get("phases") else ""))
+              + ("  phases " + ", ".join(f"{k} {v / MIB:.0f}" for k, v in r["phases"].items()) if r.get("phases") else "")
+              + ("  after: " + ", ".join(f"{k} {v[0]:.0f} reserved / {v[1]:.0f} allocated"
+                                         for k, v in r["segments"].items()) if r.get("segments") else ""))
 
 
 def plot_growth(results: list[dict], path: Path) -> None:
