@@ -111,7 +111,8 @@ def test_per_run_graphs_run_the_first_call_eager_and_give_their_memory_back():
         held = torch.cuda.memory_reserved()
         graphed.release()
         assert torch.cuda.memory_reserved() < held  # the pool (the 64-channel activations) is gone
-        assert torch.equal(graphed(x, t, context=ctx), expected) and graphed.captures == 1  # eager again
+        # warmed up already: the next generation captures at its first call
+        assert torch.equal(graphed(x, t, context=ctx), expected) and graphed.captures == 2
         assert torch.equal(graphed(x, t, context=ctx), expected) and graphed.captures == 2
 
 

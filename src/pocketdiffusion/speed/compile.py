@@ -34,7 +34,13 @@ def compile_unet(unet: torch.nn.Module) -> Callable[..., torch.Tensor]:
 
     inductor.conv_1x1_as_mm = True  # SD's 1x1 convs (attention projections in/out, skips) as GEMMs
     unet.to(memory_format=torch.channels_last)
-    compiled = torch.compile(unet, dynamic=False)
+    # Tuning knobs (bench/fast_variants.py measures them): a torch.compile mode such as
+    # "max-autotune-no-cudagraphs" (Triton GEMM/conv templates tried against cuBLAS/cuDNN; minutes
+    # of compiling, then cached), and cuDNN's benchmark mode (algorithms timed, not guessed).
+    mode = os.environ.get("POCKETDIFFUSION_COMPILE_MODE") or None
+    if os.environ.get("POCKETDIFFUSION_CUDNN_BENCHMARK") == "1":
+        torch.backends.cudnn.benchmark = True
+    compiled = torch.compile(unet, dynamic=False, mode=mode)
     state = {"failed": False}
 
     def forward(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None):

@@ -15,12 +15,12 @@ Two ways to warm up (`first_call_eager`):
 - False (`fast`, compiled): two calls on a side stream (they compile), then the capture; the
   graphs stay for the next runs, so their pool keeps the UNet's activations reserved between
   generations (fast's memory, memory/estimate.py).
-- True (balanced/low on CUDA, eager): a signature's first call runs eagerly on the current stream
-  and returns its real output (the warm-up costs no extra call), the allocator's cache is emptied
-  (else the capture's pool would stack on the eager call's cached blocks), and the second call
-  captures. The pipeline calls `release()` after the denoising loop, so the decoder gets the
-  pool's memory back: these plans keep their eager peak, and each generation captures anew (about
-  one eager call's host time).
+- True (balanced/low on CUDA, eager): a signature's first call ever runs eagerly on the current
+  stream and returns its real output (the warm-up costs no extra call), the allocator's cache is
+  emptied (else the capture's pool would stack on the eager call's cached blocks), and the second
+  call captures. The pipeline calls `release()` after the denoising loop, so the decoder gets the
+  pool's memory back: these plans keep their eager peak, and each later generation captures anew
+  at its first step (about one eager call's host time).
 
 Requirements (the plans guarantee them): CUDA tensors, weights that stay where they are (no
 offloading or streaming: a graph holds raw device pointers), no host syncs inside the model.
@@ -78,11 +78,12 @@ class GraphedModel:
     def release(self) -> None:
         """Free every graph and its memory pool (the next call of a signature starts over). The
         pipeline calls this after the denoising loop of plans that capture per generation."""
-        if not self._graphs and not self._seen:
+        if not self._graphs:
             return
         torch.cuda.synchronize()  # the last replay's kernels still read the pool
+        # `_seen` stays: a signature warmed up once (cuDNN's choices made, lazy state built) is
+        # captured at its first call of the next generation, without another eager call.
         self._graphs.clear()
-        self._seen.clear()
         self._pool = None
         clear_cublas_workspaces()  # the capture stream's, which held on to a block of the pool
         torch.cuda.empty_cache()
