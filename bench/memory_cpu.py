@@ -155,11 +155,13 @@ def main() -> None:
             r["load_before"], r["load_after"] = before, load_average()
             results.append(r)
             print(json.dumps(r), flush=True)
+        if args.out:  # before anything else can fail
+            args.out.write_text(json.dumps(results, indent=1))
+        predicted = planner_predictions(folder, [r["which"] for r in results], args.size)  # reads the folder
     finally:
         if args.folder is None:
             shutil.rmtree(folder, ignore_errors=True)
     anchor = next((r for r in results if r["which"] == "diffusers"), None)
-    predicted = planner_predictions(folder, [r["which"] for r in results], args.size)
     print(f"\nSD1.5 random weights, {args.size}x{args.size}, {args.steps} steps Euler, CFG 7.5, batch 1, CPU fp32, "
           f"2 threads, torch {results[0]['torch']}")
     print(f"{'run':22s} {'peak MiB':>9s} {'ms/step':>9s} {'vs diffusers':>13s} {'s/image':>8s} {'load s':>7s} "
