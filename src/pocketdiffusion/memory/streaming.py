@@ -201,6 +201,29 @@ def _chunk_bytes(size: int) -> int:
     return min(PACK_CHUNK, -(-size // PACK_STEP) * PACK_STEP)
 
 
+def pack_layout(nbytes: list[int]) -> tuple[list[tuple[int, int]], list[int]]:
+    """Where tensors of these byte sizes go in a pack: ((buffer index, offset) of each, the bytes
+    used in each buffer). Small tensors share PACK_CHUNK chunks, aligned; a bigger one is alone."""
+    places, sizes, used = [], [], None  # used: the index of the chunk being filled
+    for size in nbytes:
+        if size > PACK_CHUNK:
+            places.append((len(sizes), 0))
+            sizes.append(size)
+            continue
+        offset = -(-sizes[used] // PACK_ALIGN) * PACK_ALIGN if used is not None else PACK_CHUNK
+        if offset + size > PACK_CHUNK:
+            used, offset = len(sizes), 0
+            sizes.append(0)
+        places.append((used, offset))
+        sizes[used] = offset + size
+    return places, sizes
+
+
+def packed_bytes(nbytes: list[int]) -> int:
+    """The device bytes of one group's pack (its buffers as allocated): the planner's figure."""
+    return sum(_chunk_bytes(size) for size in pack_layout(nbytes)[1])
+
+
 @dataclass
 class Pack:
     """A group's weights in a few byte buffers: target -> (buffer index, offset, dtype, shape)."""
@@ -218,19 +241,9 @@ class Pack:
 
     @classmethod
     def of(cls, tensors: dict[str, torch.Tensor], pin: bool) -> "Pack":
-        layout, sizes, used = {}, [], None  # used: the index of the chunk being filled
-        for target, tensor in tensors.items():
-            nbytes = tensor.numel() * tensor.element_size()
-            if nbytes > PACK_CHUNK:
-                layout[target] = (len(sizes), 0, tensor.dtype, tuple(tensor.shape))
-                sizes.append(nbytes)
-                continue
-            offset = -(-sizes[used] // PACK_ALIGN) * PACK_ALIGN if used is not None else PACK_CHUNK
-            if offset + nbytes > PACK_CHUNK:
-                used, offset = len(sizes), 0
-                sizes.append(0)
-            layout[target] = (used, offset, tensor.dtype, tuple(tensor.shape))
-            sizes[used] = offset + nbytes
+        places, sizes = pack_layout([t.numel() * t.element_size() for t in tensors.values()])
+        layout = {target: (index, offset, tensor.dtype, tuple(tensor.shape))
+                  for (target, tensor), (index, offset) in zip(tensors.items(), places)}
         buffers = [torch.empty(_chunk_bytes(size), dtype=torch.uint8, pin_memory=pin) for size in sizes]
         pack = cls(buffers, layout)
         for target, view in pack.views(buffers).items():
