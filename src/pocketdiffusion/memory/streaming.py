@@ -1,10 +1,10 @@
 """Weight streaming, block by block: the "minimal" memory mode (DESIGN.md, Memory).
 
-The big weights stay out of the models. Each *group* (a UNet ResBlock, SpatialTransformer or
-resampler; a CLIP layer; a VAE ResnetBlock, attention or resampler) gets its weights just before
-it runs and gives them back just after (a transformer block's group nests in its
-transformer's), so only one group's weights (two on CUDA: the next one is
-on its way) are live at a time. The small layers around them (the UNet's time embedding and
+The big weights stay out of the models. Each *group* (a big UNet layer: a ResBlock's conv,
+embedding or skip, a transformer block's attention or feed-forward, nested in the group of its
+block's norms and projections; a CLIP layer; a VAE ResnetBlock, attention or resampler) gets its
+weights just before it runs and gives them back just after, so only one group's weights (two on
+CUDA: the next one is on its way) are live at a time, beside the groups it nests in. The small layers around them (the UNet's time embedding and
 output, CLIP's position embedding and final norm, the VAE's in/out convs) stay resident: they are
 few bytes. CLIP's token embedding is big (49408 rows) but a prompt reads 77 of its rows: those rows
 alone are read on each call (`RowGather`; from the file on the CPU, from host memory on CUDA). A placeholder keeps the
