@@ -13,6 +13,7 @@ graph capture included). ms/step = s/image / steps, as the anchors count it.
     python bench/memory_gpu.py --arch sd15 --size 512 --steps 30 --out sd15.json
     python bench/memory_gpu.py --arch sdxl --size 1024 --modes balanced low minimal diffusers
     python bench/memory_gpu.py --growth 512 768 1024 2048 --steps 2 --plot docs/images/memory_growth.png
+    python bench/memory_gpu.py --device cpu --steps 3    # the CPU table (bench/memory_cpu.py)
 """
 from __future__ import annotations
 
@@ -248,7 +249,18 @@ def plot_growth(results: list[dict], path: Path) -> None:
 
 
 def main() -> None:
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    known, rest = device.parse_known_args()
+    if known.device == "cpu":  # the same comparison on the CPU: bench/memory_cpu.py, its options
+        sys.path.insert(0, str(HERE))
+        import memory_cpu
+        sys.argv = [str(HERE / "memory_cpu.py"), *rest]
+        memory_cpu.main()
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cpu: our modes and diffusers fp32 on the CPU (bench/memory_cpu.py and its options)")
     ap.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
     ap.add_argument("--size", type=int, default=None, help="image side (default: 512 for sd15, 1024 for sdxl)")
     ap.add_argument("--steps", type=int, default=30)

@@ -29,3 +29,15 @@ def test_good_rows_pass():
 def test_bad_rows_say_what_was_wrong(which, message):
     with pytest.raises(ValueError, match=message):
         memory_gpu.check_variant(which)
+
+
+def test_device_cpu_hands_over_to_the_cpu_table(monkeypatch, capsys):
+    """`--device cpu` runs bench/memory_cpu.py with the remaining options (its own, checked by it)."""
+    monkeypatch.setattr("sys.argv", ["memory_gpu.py", "--device", "cpu", "--help"])
+    with pytest.raises(SystemExit) as done:
+        memory_gpu.main()
+    assert done.value.code == 0 and "memory_cpu.py" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["memory_gpu.py", "--device", "cpu", "--arch", "sdxl"])
+    with pytest.raises(SystemExit) as done:
+        memory_gpu.main()
+    assert done.value.code == 2 and "unrecognized arguments: --arch sdxl" in capsys.readouterr().err
