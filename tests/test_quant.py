@@ -281,8 +281,9 @@ def test_txt2img_with_a_quantized_unet_stays_close(tmp_path):
 
 
 def test_the_dequantization_scratch_gives_the_same_weight_in_one_buffer():
-    from pocketdiffusion.memory.quant import DequantScratch, dequantize, quantize_per_channel
-    scratch = DequantScratch()
+    from pocketdiffusion.memory.quant import dequantize, quantize_per_channel
+    from pocketdiffusion.memory.scratch import Scratch
+    scratch = Scratch()
     small, big = (quantize_per_channel(torch.randn(*shape)) for shape in ((8, 4), (16, 4, 3, 3)))
     for q, scale in (small, big, small):
         assert torch.equal(scratch.dequantize(q, scale, torch.float32), dequantize(q, scale, torch.float32))

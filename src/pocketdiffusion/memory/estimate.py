@@ -138,7 +138,7 @@ def predict(config: ModelConfig, plan: MemoryPlan, device: torch.device | str, w
     prefetch = bool(streamed) and device.type == "cuda"  # the next group is on its way meanwhile
     resident = sum(_nbytes(models)) - sum(_group_bytes(streamed).values()) - tables
     scratch_bytes = 0
-    if swap is not None:  # on CUDA too: low's int8 layers dequantize into one DequantScratch
+    if swap is not None:  # on CUDA too: low's int8 layers dequantize into one Scratch (memory/scratch.py)
         # The layers' compute weights go into one buffer as large as the largest, allocated at load
         # (memory/store16.py reserve_scratch): resident, and no per-layer temporary in the trace.
         scratch_bytes = _use_meta_scratch(models["unet"], dtype)

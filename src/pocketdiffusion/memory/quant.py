@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dequant_cuda import dequantize_into
+from .scratch import Scratch
 
 INT8_MAX = 127  # symmetric range [-127, 127]: -128 is never used, so negation stays exact
 # A layer with more weight elements computes in slices of its output channels, each dequantized
@@ -71,47 +71,6 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     """q int8 (out, ...) * scale (out,) -> a `dtype` weight. int8 * float promotes to the float's
     dtype inside one kernel (int8 -> float is exact), so the only temporary is the result."""
     return q * scale.to(dtype).view(-1, *([1] * (q.ndim - 1)))  # scale (out, 1, ...)
-
-
-class DequantScratch:
-    """One reusable device buffer per dtype and device that holds one dequantized weight at a time
-    (CUDA, inference). A fresh weight per layer per call is a stream of 0.1-56 MiB blocks through
-    the caching allocator that left the low mode's reserved peak ~110 MiB above its allocated one
-    (SD1.5 512x512, docs/BENCHMARKS.md); one buffer as large as the largest layer does not. Safe on
-    one stream: the next layer's dequantization is queued after the kernels that read this one."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-        # On the CPU the buffer is made this large at once (`quantize_`: its largest layer): grown
-        # layer by layer in the first step, each outgrown buffer left a hole in the heap that the
-        # UNet's calls reuse (memory/cpu_heap.py).
-        self.size_hint = 0
-
-    def reserve(self, dtype: torch.dtype, device: torch.device | str) -> None:
-        """CPU: allocate the `dtype` buffer now, `size_hint` elements (before the UNet's first call,
-        so that it is not born in the heap that the call reuses and then trims)."""
-        key = (dtype, torch.device(device))
-        if self.size_hint and key not in self.buffers:
-            with torch.inference_mode(False):
-                self.buffers[key] = torch.empty(self.size_hint, dtype=dtype, device=key[1])
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers.values())
-
-    def dequantize(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        key = (dtype, q.device)
-        buffer = self.buffers.get(key)
-        if buffer is None or buffer.numel() < q.numel():
-            self.buffers.pop(key, None)
-            del buffer  # the old one first: never two at a time
-            numel = max(q.numel(), self.size_hint) if q.device.type == "cpu" else q.numel()
-            with torch.inference_mode(False):  # a normal tensor, writable in and out of inference mode
-                buffer = self.buffers[key] = torch.empty(numel, dtype=dtype, device=q.device)
-        out = buffer[:q.numel()].view(q.shape)
-        scale = scale.to(dtype)
-        if q.is_cuda and dequantize_into(q, scale, out):  # one vectorized pass (memory/dequant_cuda.py)
-            return out
-        return torch.mul(q, scale.view(-1, *([1] * (q.ndim - 1))), out=out)
 
 
 # ---- the layers -----------------------------------------------------------------------------------
@@ -326,7 +285,7 @@ def quantize_(model: nn.Module, *, min_params: int = 4096,
 
     replaced: dict[int, nn.Module] = {}  # id(float layer) -> its int8 layer: a layer shared by two parents
     layers = params = bytes_before = bytes_after = 0
-    scratch = DequantScratch()
+    scratch = Scratch()
     # Collect first: replacing children while named_modules() walks them would change the walk.
     targets = [(prefix, parent, child_name, child)
                for prefix, parent in model.named_modules(remove_duplicate=False)

@@ -28,54 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .quant import conv2d_like
+from .scratch import Scratch
 
 STORE_DTYPES = (torch.float16, torch.bfloat16)
-
-
-class Scratch:
-    """One reusable buffer per dtype and device that holds one layer's compute weight at a time.
-
-    `size_hint` elements (`store16_` sets its largest layer's) are allocated at once, and
-    `reserve` allocates them before the first call: grown layer by layer inside the UNet's first
-    call, each outgrown buffer left a hole in the heap that the UNet's calls reuse, and a buffer
-    born there pinned the heap so that it could not shrink after the call (memory/cpu_heap.py).
-    One generation at a time per model, as everywhere in the pipelines."""
-
-    def __init__(self, size_hint: int = 0) -> None:
-        self.size_hint = size_hint
-        self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-
-    def reserve(self, dtype: torch.dtype, device: torch.device | str) -> None:
-        """Allocate the `dtype` buffer on `device` now, `size_hint` elements."""
-        self.take((self.size_hint,), dtype, torch.device(device))
-
-    def take(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A `shape` view of the `dtype` buffer on `device`, to be written (valid until the next take)."""
-        numel = 1
-        for size in shape:
-            numel *= size
-        key = (dtype, device)
-        buffer = self.buffers.get(key)
-        if buffer is None or buffer.numel() < numel:
-            self.buffers.pop(key, None)
-            del buffer  # the old one first: never two at a time
-            with torch.inference_mode(False):  # a normal tensor: inference mode may write into it, and so may code outside it
-                buffer = self.buffers[key] = torch.empty(max(numel, self.size_hint), dtype=dtype, device=device)
-        return buffer[:numel].view(shape)
-
-    def upcast(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`weight` converted to `dtype`, in the buffer (valid until the next take)."""
-        return self.take(weight.shape, dtype, weight.device).copy_(weight)
-
-    @staticmethod
-    def usable(x: torch.Tensor) -> bool:
-        """Whether a layer called on `x` may compute from the scratch: on the CPU (no asynchronous
-        kernel still reading it when the next layer writes) and without autograd (a graph would
-        save the weight for the backward pass)."""
-        return x.device.type == "cpu" and not torch.is_grad_enabled()
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
 
 def reserve_scratch(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> int:
