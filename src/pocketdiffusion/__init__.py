@@ -26,8 +26,10 @@ def load(path: str | os.PathLike = "shapes", device: "str | torch.device | None"
     default; "shapes-inpainting", its 9-channel inpainting variant).
 
     `device`: "cuda", "cpu", "mps" or None (CUDA when available, else CPU). `memory`: the memory
-    mode (memory/plan.py): "fast" (balanced, with the UNet replayed from CUDA graphs on CUDA),
-    "balanced" (fp16 weights on GPUs; on the CPU the UNet's stored in fp16, computed in fp32) or "low" (as
+    mode (memory/plan.py): "fast" (on CUDA the UNet compiled and replayed from CUDA graphs kept
+    between generations; elsewhere balanced), "balanced" (fp16 weights on GPUs, on CUDA the UNet's
+    steps replayed from CUDA graphs captured per generation; on the CPU the UNet's stored in fp16,
+    computed in fp32) or "low" (as
     balanced, with the UNet's weights int8, dequantized per layer on use) or "minimal" (the weights
     streamed block by block from the file, or from pinned memory on CUDA; the VAE always tiled;
     `pocketdiffusion plan MODEL` says which fits a budget). `dtype` overrides the weight
