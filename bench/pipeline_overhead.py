@@ -93,8 +93,8 @@ def measure_ours(pipe, args) -> dict:
         loops.append(clock.ms_per_step(args.steps))
         with torch.inference_mode():  # the very call the pipeline makes (graphed or eager)
             pures.append(pure_unet_ms(lambda: pipe.model_call(x, t, context=ctx), args.steps))
-        if pipe.plan.graphs_per_run and hasattr(pipe.model_call, "release"):
-            pipe.model_call.release()  # as after a run: the next loop captures anew, as a generation does
+        if hasattr(pipe.model_call, "end_run"):
+            pipe.model_call.end_run()  # as after a run: per-run graphs are captured anew by the next loop
     pure, loop = statistics.median(pures), statistics.median(loops)
     return {"s_per_image": statistics.median(ours), "ms_per_step": 1000 * statistics.median(ours) / args.steps,
             "loop_ms_per_step": loop, "unet_ms_per_call": pure, "overhead_pct": 100 * (loop - pure) / pure,

@@ -50,3 +50,26 @@ def test_only_fast_on_cuda_compiles_and_the_fallback_drops_it():
     assert not any(plan_for(mode, "cuda").compile for mode in ("balanced", "low", "minimal"))
     lower = lower_plan(plan_for("fast", "cuda"))
     assert lower.mode == "balanced" and not lower.compile and not lower.cuda_graphs
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("POCKETDIFFUSION_COMPILE_MODE", "max-autotune", "expected one of .*max-autotune-no-cudagraphs"),
+    ("POCKETDIFFUSION_COMPILE_MODE", "fastest", "POCKETDIFFUSION_COMPILE_MODE='fastest'"),
+    ("POCKETDIFFUSION_CUDNN_BENCHMARK", "yes", "expected 1 \\(on\\) or 0 \\(off\\)"),
+])
+def test_bad_tuning_knobs_are_refused_before_anything_compiles(monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    unet = torch.nn.Conv2d(4, 4, 3)
+    with pytest.raises(ValueError, match=message):
+        compile_module.compile_unet(unet)
+    assert unet.weight.is_contiguous()  # untouched: not turned channels_last
+
+
+def test_good_tuning_knobs_are_read(monkeypatch):
+    from pocketdiffusion.speed.compile import tuning_from_environment
+    monkeypatch.delenv("POCKETDIFFUSION_COMPILE_MODE", raising=False)
+    monkeypatch.delenv("POCKETDIFFUSION_CUDNN_BENCHMARK", raising=False)
+    assert tuning_from_environment() == (None, False)
+    monkeypatch.setenv("POCKETDIFFUSION_COMPILE_MODE", "max-autotune-no-cudagraphs")
+    monkeypatch.setenv("POCKETDIFFUSION_CUDNN_BENCHMARK", "1")
+    assert tuning_from_environment() == ("max-autotune-no-cudagraphs", True)

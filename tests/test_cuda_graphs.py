@@ -101,7 +101,7 @@ def test_per_run_graphs_run_the_first_call_eager_and_give_their_memory_back():
     def model(x, t, *, context):
         return layer(x) * t[:, None, None, None] + context.mean()
 
-    graphed = GraphedModel(model, first_call_eager=True)
+    graphed = GraphedModel(model, per_run=True)
     x = torch.randn(2, 4, 128, 128, device="cuda")
     t, ctx = torch.rand(2, device="cuda"), torch.randn(2, 5, 8, device="cuda")
     with torch.inference_mode():
@@ -109,7 +109,7 @@ def test_per_run_graphs_run_the_first_call_eager_and_give_their_memory_back():
         assert torch.equal(graphed(x, t, context=ctx), expected) and graphed.captures == 0  # eager
         assert torch.equal(graphed(x, t, context=ctx), expected) and graphed.captures == 1  # captured
         held = torch.cuda.memory_reserved()
-        graphed.release()
+        graphed.end_run()
         assert torch.cuda.memory_reserved() < held  # the pool (the 64-channel activations) is gone
         # warmed up already: the next generation captures at its first call
         assert torch.equal(graphed(x, t, context=ctx), expected) and graphed.captures == 2

@@ -5,7 +5,7 @@ PyTorch's `torch.mul(int8, fp16, out=fp16)` is correct but takes its slow path: 
 dtypes make TensorIterator cast element by element instead of running its vectorized loop.
 This Triton kernel computes the same values (the int8 value, exact in fp32, times the scale in
 fp32, rounded once to the output dtype: what PyTorch's fp16 multiply does in its fp32 "opmath"),
-so it is a drop-in, bit for bit (tests/test_cuda_memory.py). Without Triton the PyTorch path runs.
+so it is a drop-in, bit for bit (tests/test_quant.py). Without Triton the PyTorch path runs.
 """
 from __future__ import annotations
 

@@ -133,10 +133,14 @@ def predict(config: ModelConfig, plan: MemoryPlan, device: torch.device | str, w
         swap(models)
     components = streamed_components(plan)
     streamed = {k: m for k, m in models.items() if components is None or k.split(".")[0] in components}
-    groups = _group_bytes(streamed, packed=device.type == "cuda")  # as they take the device while streamed
+    sizes = _group_sizes(streamed)
+    # What a group takes while streamed: on CUDA its packed device buffers (HostTransport), rounded
+    # to the allocator's steps (SD1.5 minimal: 211 MiB predicted from the tensors' own bytes
+    # against 252 measured, H100); on the CPU the file's pages of its tensors.
+    groups = {g: packed_bytes(s) if device.type == "cuda" else sum(s) for g, s in sizes.items()}
     tables, rows = _gathered_bytes(streamed, device)
     prefetch = bool(streamed) and device.type == "cuda"  # the next group is on its way meanwhile
-    resident = sum(_nbytes(models)) - sum(_group_bytes(streamed).values()) - tables
+    resident = sum(_nbytes(models)) - sum(sum(s) for s in sizes.values()) - tables
     scratch_bytes = 0
     if swap is not None:  # on CUDA too: low's int8 layers dequantize into one Scratch (memory/scratch.py)
         # The layers' compute weights go into one buffer as large as the largest, allocated at load
@@ -179,10 +183,8 @@ def _use_meta_scratch(unet: nn.Module, dtype: torch.dtype) -> int:
     if not layers:
         return 0
     # int8 layers dequantize their largest layers in slices of output channels (quant.SLICE_ELEMENTS)
-    def slices(layer: nn.Module) -> list[slice]:
-        return layer.output_slices() if isinstance(layer, INT8_LAYERS) else [slice(None)]
-    numel = max(torch.Size(m.weight_shape)[1:].numel() * len(range(m.weight_shape[0])[rows])
-                for m in layers for rows in slices(m))
+    numel = max(max(m.weight_int8[rows].numel() for rows in m.output_slices()) if isinstance(m, INT8_LAYERS)
+                else m.weight.numel() for m in layers)
     buffer = torch.empty(numel, dtype=dtype, device="meta")
 
     def from_buffer(layer: nn.Module, shape: tuple[int, ...]):
@@ -201,18 +203,15 @@ def _nbytes(models: dict[str, nn.Module]) -> list[int]:
             for t in (*model.parameters(), *model.buffers())]
 
 
-def _group_bytes(models: dict[str, nn.Module], packed: bool = False) -> dict[str, int]:
-    """{streamed group: bytes of its weights}, named as memory/streaming.py names them; `packed`
-    (CUDA's HostTransport): the bytes of the group's device buffers, its tensors packed in chunks
-    rounded to the allocator's steps (SD1.5 minimal: 211 MiB predicted from the tensors' own bytes
-    against 252 measured, H100)."""
+def _group_sizes(models: dict[str, nn.Module]) -> dict[str, list[int]]:
+    """{streamed group: the bytes of each of its weights}, named as memory/streaming.py names them."""
     sizes: dict[str, list[int]] = {}
     for component, model in models.items():
         for name, tensor in model.named_parameters():
             group = stream_group(f"{component}.{name}")
             if group is not None:
                 sizes.setdefault(group, []).append(tensor.numel() * tensor.element_size())
-    return {group: packed_bytes(s) if packed else sum(s) for group, s in sizes.items()}
+    return sizes
 
 
 def _gathered_bytes(models: dict[str, nn.Module], device: torch.device) -> tuple[int, int]:

@@ -87,7 +87,7 @@ def model_call(parts: Components, cuda_graphs: bool = False, compile: bool = Fal
     """The UNet as `model(x_in, t, **cond)`: eager or compiled (speed/compile.py), and replayed from
     CUDA graphs or not (the caller keeps the object across runs, so that a graph is captured, and
     the UNet compiled, once per signature; `graphs_per_run`: captured after an eager first call
-    and released by the caller after each run's steps)."""
+    and released when the caller ends each run, `GraphedModel.end_run`)."""
     unet = parts.unet
     if compile:
         from ..speed.compile import compile_unet
@@ -95,7 +95,7 @@ def model_call(parts: Components, cuda_graphs: bool = False, compile: bool = Fal
     call = _unet_call(unet)
     if cuda_graphs:
         from ..speed import GraphedModel
-        return GraphedModel(call, first_call_eager=graphs_per_run)
+        return GraphedModel(call, per_run=graphs_per_run)
     return call
 
 

@@ -111,9 +111,9 @@ class Run:
                                _preview=pipe.previewer)
                     index += 1
         finally:  # also when cancelled or failed: per-run graphs keep no memory past the steps
-            release = getattr(pipe.model_call, "release", None)
-            if pipe.plan.graphs_per_run and release is not None:
-                release()
+            end_run = getattr(pipe.model_call, "end_run", None)  # a GraphedModel's
+            if end_run is not None:
+                end_run()
         with torch.inference_mode():
             return prepared.finish(x)
 

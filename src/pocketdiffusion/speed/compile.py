@@ -24,21 +24,37 @@ def cache_dir() -> Path:
     return Path(base) / "inductor"
 
 
+# torch.compile modes that leave the CUDA graphs to speed/cuda_graphs.py (the others capture their own)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def tuning_from_environment() -> tuple[str | None, bool]:
+    """The tuning knobs (bench/fast_variants.py measures them; neither paid on the H100, so both
+    are off unless set): POCKETDIFFUSION_COMPILE_MODE, a torch.compile mode from COMPILE_MODES
+    ("max-autotune-no-cudagraphs": Triton GEMM/conv templates timed against cuBLAS/cuDNN, minutes
+    of compiling), and POCKETDIFFUSION_CUDNN_BENCHMARK=1, cuDNN's algorithms timed, not guessed."""
+    mode = os.environ.get("POCKETDIFFUSION_COMPILE_MODE") or None
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"POCKETDIFFUSION_COMPILE_MODE={mode!r}: expected one of {COMPILE_MODES} "
+                         "(modes with CUDA graphs of their own would capture inside ours)")
+    benchmark = os.environ.get("POCKETDIFFUSION_CUDNN_BENCHMARK", "")
+    if benchmark not in ("", "0", "1"):
+        raise ValueError(f"POCKETDIFFUSION_CUDNN_BENCHMARK={benchmark!r}: expected 1 (on) or 0 (off)")
+    return mode, benchmark == "1"
+
+
 def compile_unet(unet: torch.nn.Module) -> Callable[..., torch.Tensor]:
     """`unet` (in place: channels_last weights) and its compiled forward. Compilation itself runs
     lazily, on the first call; a failure there (no Triton, an unsupported GPU) falls back to the
     eager UNet with a warning, once."""
+    mode, cudnn_benchmark = tuning_from_environment()  # a bad knob fails here, before anything changes
     if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir())
     import torch._inductor.config as inductor
 
     inductor.conv_1x1_as_mm = True  # SD's 1x1 convs (attention projections in/out, skips) as GEMMs
     unet.to(memory_format=torch.channels_last)
-    # Tuning knobs (bench/fast_variants.py measures them): a torch.compile mode such as
-    # "max-autotune-no-cudagraphs" (Triton GEMM/conv templates tried against cuBLAS/cuDNN; minutes
-    # of compiling, then cached), and cuDNN's benchmark mode (algorithms timed, not guessed).
-    mode = os.environ.get("POCKETDIFFUSION_COMPILE_MODE") or None
-    if os.environ.get("POCKETDIFFUSION_CUDNN_BENCHMARK") == "1":
+    if cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
     compiled = torch.compile(unet, dynamic=False, mode=mode)
     state = {"failed": False}

@@ -11,16 +11,16 @@ signature (a few, least recently used first out) in one shared memory pool, so a
 resolution captures once and repeated generations reuse the graph, including new prompts:
 the conditioning tensors are inputs too, not constants baked into the graph.
 
-Two ways to warm up (`first_call_eager`):
+Two lifetimes (`per_run`):
 - False (`fast`, compiled): two calls on a side stream (they compile), then the capture; the
   graphs stay for the next runs, so their pool keeps the UNet's activations reserved between
   generations (fast's memory, memory/estimate.py).
 - True (balanced/low on CUDA, eager): a signature's first call ever runs eagerly on the current
   stream and returns its real output (the warm-up costs no extra call), the allocator's cache is
   emptied (else the capture's pool would stack on the eager call's cached blocks), and the second
-  call captures. The pipeline calls `release()` after the denoising loop, so the decoder gets the
-  pool's memory back: these plans keep their eager peak, and each later generation captures anew
-  at its first step (about one eager call's host time).
+  call captures. The pipeline calls `end_run()` after the denoising loop, which releases them, so
+  the decoder gets the pool's memory back: these plans keep their eager peak, and each later
+  generation captures anew at its first step (about one eager call's host time).
 
 Requirements (the plans guarantee them): CUDA tensors, weights that stay where they are (no
 offloading or streaming: a graph holds raw device pointers), no host syncs inside the model.
@@ -64,20 +64,24 @@ class GraphedModel:
     """`model(x_in, t, **cond)` replayed from CUDA graphs, one per call signature."""
 
     def __init__(self, model: Callable[..., torch.Tensor], max_graphs: int = MAX_GRAPHS, *,
-                 first_call_eager: bool = False):
+                 per_run: bool = False):
         if not callable(model):
             raise TypeError(f"GraphedModel wraps a callable model(x_in, t, **cond), got {type(model).__name__}")
         self.model = model
         self.max_graphs = max_graphs
-        self.first_call_eager = first_call_eager
+        self.per_run = per_run
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
-        self._seen: set[tuple] = set()  # signatures whose eager first call has run (first_call_eager)
+        self._seen: set[tuple] = set()  # signatures whose eager first call has run (per_run)
         self._pool = None
         self.captures = 0  # how many graphs were captured (a test and the benchmark read it)
 
+    def end_run(self) -> None:
+        """The pipeline's call after each run's denoising loop: per-run graphs are released."""
+        if self.per_run:
+            self.release()
+
     def release(self) -> None:
-        """Free every graph and its memory pool (the next call of a signature starts over). The
-        pipeline calls this after the denoising loop of plans that capture per generation."""
+        """Free every graph and its memory pool (the next call of a signature captures anew)."""
         if not self._graphs:
             return
         torch.cuda.synchronize()  # the last replay's kernels still read the pool
@@ -97,7 +101,7 @@ class GraphedModel:
         key = tuple((tuple(v.shape), v.dtype, v.device) for v in tensors) + tuple(
             (n, None if isinstance(cond[n], torch.Tensor) else cond[n]) for n in names)
         captured = self._graphs.get(key)
-        if captured is None and self.first_call_eager and key not in self._seen:
+        if captured is None and self.per_run and key not in self._seen:
             self._seen.add(key)
             return self.model(x_in, t, **cond)  # the warm-up, and this step's real output
         if captured is None:
@@ -118,7 +122,7 @@ class GraphedModel:
         def call() -> torch.Tensor:
             return self.model(static["x_in"], static["t"], **static_cond)
 
-        if not self.first_call_eager:
+        if not self.per_run:  # the first call of a per-run signature was its warm-up
             side = torch.cuda.Stream(device=x_in.device)
             side.wait_stream(torch.cuda.current_stream(x_in.device))
             with torch.cuda.stream(side):
