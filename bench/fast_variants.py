@@ -4,7 +4,7 @@ capturing), then times 30 replayed UNet calls (CFG batch 2, 64x64 latents) and t
 512x512 images (30 steps Euler, CFG 7.5). A variant is a set of environment variables that
 speed/compile.py reads.
 
-    python bench/fast_variants.py --variants default cudnn_benchmark max_autotune
+    python bench/fast_variants.py --variants default cudnn_benchmark max_autotune freezing coordinate_descent
 """
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ VARIANTS = {
     "default": {},
     "cudnn_benchmark": {"POCKETDIFFUSION_CUDNN_BENCHMARK": "1"},
     "max_autotune": {"POCKETDIFFUSION_COMPILE_MODE": "max-autotune-no-cudagraphs"},
+    # Inductor's own switches: weights folded in as constants; Triton launch parameters tuned
+    "freezing": {"TORCHINDUCTOR_FREEZING": "1"},
+    "coordinate_descent": {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"},
 }
 
 CHILD = r"""

@@ -67,7 +67,7 @@ def load(path: str | os.PathLike = "shapes", device: "str | torch.device | None"
         from .memory.cuda_allocator import use_expandable_segments
         use_expandable_segments()
     parts = load_components(model.path, device=device, dtype=dtype or plan.weight_dtype, prediction=prediction,
-                            unet_subfolder=model.unet_subfolder, ops=ops_for(plan), streaming=streaming,
+                            unet_subfolder=model.unet_subfolder, ops=ops_for(plan, device), streaming=streaming,
                             host_components=("vae",) if parking else (), swap_layers=swap_layers_for(plan))
     if torch.device(device).type == "cpu":
         from .memory.cpu_heap import give_back, reuse_during, trim_after

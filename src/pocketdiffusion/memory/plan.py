@@ -54,6 +54,9 @@ class MemoryPlan:
     park_idle: bool = False
     stream_text: bool = False
     compile: bool = False  # torch.compile the UNet (speed/compile.py; CUDA, with cuda_graphs in `fast`)
+    # CUDA: GroupNorm and GroupNorm + SiLU by the Triton kernels of speed/group_norm_cuda.py
+    # (PyTorch's fills a quarter of an H100 at batch 1: the VAE decoder's norms ran 3-11x slower).
+    norm_kernels: bool = True
     # The UNet's linear and conv weights kept in this 16-bit dtype and upcast to the compute dtype
     # per layer on use (memory/store16.py; the CPU's balanced plan: fp16, half of fp32's bytes).
     unet_store: torch.dtype | None = None
@@ -136,17 +139,25 @@ def streamed_components(plan: MemoryPlan) -> tuple[str, ...] | None:
     return tuple(name for name, on in (("text_encoders", plan.stream_text), ("vae", plan.stream_vae)) if on)
 
 
-def ops_for(plan: MemoryPlan):
-    """The layer family the models are built from under this plan (the attention kernel)."""
+def ops_for(plan: MemoryPlan, device: torch.device | str | None = None):
+    """The layer family the models are built from under this plan: the attention kernel, and on
+    CUDA the GroupNorms of speed/group_norm_cuda.py (PyTorch's fills a quarter of an H100 at batch 1)."""
     import functools
 
     from ..models.attention import chunked_attention
     from ..models.ops import DEFAULT_OPS, Ops
-    if plan.attention == "chunked":
-        return Ops(attention=functools.partial(chunked_attention, chunk=plan.attention_chunk))
-    if plan.attention != "sdpa":
+    if plan.attention not in ("sdpa", "chunked"):
         raise ValueError(f"attention={plan.attention!r}: expected 'sdpa' or 'chunked'")
-    return DEFAULT_OPS
+    layers = {}
+    if plan.attention == "chunked":
+        layers["attention"] = functools.partial(chunked_attention, chunk=plan.attention_chunk)
+    if plan.norm_kernels and device is not None and torch.device(device).type == "cuda":
+        from ..speed.group_norm_cuda import HOST_BOUND_MIN_ELEMENTS, CudaGroupNorm, CudaGroupNormSiLU
+        # The streamed plan's eager steps are host-bound: small norms stay with PyTorch's one launch.
+        least = HOST_BOUND_MIN_ELEMENTS if plan.stream_weights else 0
+        layers.update(GroupNorm=functools.partial(CudaGroupNorm, min_elements=least),
+                      GroupNormSiLU=functools.partial(CudaGroupNormSiLU, min_elements=least))
+    return Ops(**layers) if layers else DEFAULT_OPS
 
 
 class MemoryFallbackWarning(UserWarning):

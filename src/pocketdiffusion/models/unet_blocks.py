@@ -35,24 +35,21 @@ def fresh_add(fresh: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     return fresh.add_(residual)
 
 
-def fresh_silu(fresh: torch.Tensor) -> torch.Tensor:
-    """SiLU, in place on `fresh` (a tensor the caller just made) when autograd is off."""
-    return F.silu(fresh, inplace=not fresh.requires_grad)
-
-
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, + timestep embedding, GroupNorm-SiLU-(dropout)-conv, + skip."""
 
     def __init__(self, channels: int, out_channels: int, emb_channels: int, norm_groups: int, ops: Ops):
         super().__init__()
+        # nn.SiLU() at index 1 keeps the conv at index 2, as checkpoints name it; the SiLU itself
+        # runs inside ops.GroupNormSiLU (one kernel where the plan has one).
         self.in_layers = nn.Sequential(
-            ops.GroupNorm(norm_groups, channels, eps=RESBLOCK_NORM_EPS),
+            ops.GroupNormSiLU(norm_groups, channels, eps=RESBLOCK_NORM_EPS),
             nn.SiLU(),
             ops.Conv2d(channels, out_channels, 3, padding=1),
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), ops.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            ops.GroupNorm(norm_groups, out_channels, eps=RESBLOCK_NORM_EPS),
+            ops.GroupNormSiLU(norm_groups, out_channels, eps=RESBLOCK_NORM_EPS),
             nn.SiLU(),
             nn.Identity(),  # LDM's Dropout slot: keeps the conv at index 3, as checkpoints name it
             ops.Conv2d(out_channels, out_channels, 3, padding=1),
@@ -62,13 +59,11 @@ class ResBlock(nn.Module):
                                 else ops.Conv2d(channels, out_channels, 1))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = fresh_silu(self.in_layers[0](x))
-        h = self.in_layers[2](h)
+        h = self.in_layers[2](self.in_layers[0](x))  # GroupNorm + SiLU, conv
         # `emb` is shared by every ResBlock of the UNet, so its SiLU is never in place.
         emb_out = self.emb_layers[1](F.silu(emb)).to(h.dtype)
         h = fresh_add(h, emb_out[:, :, None, None])  # (B, C, 1, 1) broadcast over H, W
-        h = fresh_silu(self.out_layers[0](h))
-        h = self.out_layers[3](h)
+        h = self.out_layers[3](self.out_layers[0](h))
         return fresh_add(h, self.skip_connection(x))
 
 

@@ -14,7 +14,7 @@ before denoising and divides by it before `decode()`.
 
 Memory: at 512x512 the last decoder level holds (B, 128, 512, 512) activations, so every
 block frees its intermediates as soon as they are consumed, runs swish in place on tensors it
-owns and adds residuals in place when autograd is off. None of this changes the arithmetic:
+owns (inside ops.GroupNormSiLU) and adds residuals in place when autograd is off. None of this changes the arithmetic:
 the results are bit-for-bit those of the out-of-place code.
 """
 from __future__ import annotations
@@ -37,11 +37,6 @@ def _may_modify_in_place(t: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and t.requires_grad)
 
 
-def _swish_(h: torch.Tensor) -> torch.Tensor:
-    """LDM's `nonlinearity` (x * sigmoid(x)), in place on a tensor the caller owns."""
-    return F.silu(h, inplace=_may_modify_in_place(h))
-
-
 def _add_residual(h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """h + residual, written into `h` (a fresh conv output the block owns) when autograd allows.
     Float addition is commutative, so `h += x` equals LDM's `x + h` exactly."""
@@ -57,9 +52,9 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, norm_groups: int, ops: Ops):
         super().__init__()
-        self.norm1 = ops.GroupNorm(norm_groups, in_channels, eps=_NORM_EPS)
+        self.norm1 = ops.GroupNormSiLU(norm_groups, in_channels, eps=_NORM_EPS)
         self.conv1 = ops.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.norm2 = ops.GroupNorm(norm_groups, out_channels, eps=_NORM_EPS)
+        self.norm2 = ops.GroupNormSiLU(norm_groups, out_channels, eps=_NORM_EPS)
         self.conv2 = ops.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
             self.nin_shortcut = ops.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
@@ -69,10 +64,8 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Reassigning `h` drops each intermediate as soon as the next one exists: at most the
         # input, one stage input and one stage output are alive at a time.
-        h = _swish_(self.norm1(x))
-        h = self.conv1(h)
-        h = _swish_(self.norm2(h))
-        h = self.conv2(h)
+        h = self.conv1(self.norm1(x))  # the norms include the swish (ops.GroupNormSiLU)
+        h = self.conv2(self.norm2(h))
         # The shortcut is computed last, when the stage intermediates are already freed.
         shortcut = self.nin_shortcut(x) if self.nin_shortcut is not None else x
         return _add_residual(h, shortcut)
@@ -191,7 +184,7 @@ class Encoder(nn.Module):
             self.down.append(Level(blocks, downsample=downsample))
         block_in = config.ch * config.ch_mult[-1]
         self.mid = MidBlock(block_in, groups, ops)
-        self.norm_out = ops.GroupNorm(groups, block_in, eps=_NORM_EPS)
+        self.norm_out = ops.GroupNormSiLU(groups, block_in, eps=_NORM_EPS)
         # double_z=True: the mean and the log-variance of the latent distribution.
         self.conv_out = ops.Conv2d(block_in, 2 * config.z_channels, kernel_size=3, stride=1, padding=1)
 
@@ -200,7 +193,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)
         h = self.mid(h)
-        h = _swish_(self.norm_out(h))
+        h = self.norm_out(h)  # with the swish
         return self.conv_out(h)
 
 
@@ -226,7 +219,7 @@ class Decoder(nn.Module):
             upsample = Upsample(block_out, ops) if level != 0 else None
             levels.insert(0, Level(blocks, upsample=upsample))
         self.up = nn.ModuleList(levels)
-        self.norm_out = ops.GroupNorm(groups, block_in, eps=_NORM_EPS)
+        self.norm_out = ops.GroupNormSiLU(groups, block_in, eps=_NORM_EPS)
         self.conv_out = ops.Conv2d(block_in, config.out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -234,7 +227,7 @@ class Decoder(nn.Module):
         h = self.mid(h)
         for level in reversed(self.up):
             h = level(h)
-        h = _swish_(self.norm_out(h))
+        h = self.norm_out(h)  # with the swish
         return self.conv_out(h)
 
 
