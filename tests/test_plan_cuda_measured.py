@@ -1,10 +1,10 @@
 """The planner's CUDA predictions against the peaks measured on the device machine (issue 5:
 within 10%). The measurements are recorded in docs/bench (bench/memory_gpu.py, max_memory_reserved
-over the timed images): session 4's H100 runs (h100_s4run*) with the plans as committed, and
-balanced at 768-2048 from session 3's H200 run 4, before balanced replayed its steps from CUDA
-graphs captured per generation (at 512 that changed its peak by 2 MiB: 1896 eager, 1894 graphed,
-h100_s4run5_overhead.json). SDXL low was measured with 24-latent decode tiles (now 26): its peak
-is in the steps. Rerun the benchmark and update a row when a plan changes."""
+over the timed images): session 5's H100 run 8 (h100_s5run8_*, the GroupNorm kernels and the
+banded upsample in), and balanced at 768-2048 from session 3's H200 run 4, before balanced replayed
+its steps from CUDA graphs captured per generation (at 512 that changed its peak by 2 MiB: 1896
+eager, 1894 graphed, h100_s4run5_overhead.json); balanced's decode tiles never reach the banded
+upsample's size. Rerun the benchmark and update a row when a plan changes."""
 from __future__ import annotations
 
 import json
@@ -21,14 +21,14 @@ MIB = 2 ** 20
 CONFIGS = {"sd15": SD15, "sdxl": SDXL}
 # (file, row label, size): the rows measured with the plans as committed
 MEASURED = [
-    ("h100_s4run5_now.json", "balanced", 512),
-    ("h100_s4run5_now.json", "low", 512),
-    ("h100_s4run5_now.json", "minimal", 512),
-    ("h100_s4run3_sd15.json", "fast", 512),
-    ("h100_s4run3_sdxl.json", "balanced", 1024),
-    ("h100_s4run3_sdxl.json", "low", 1024),
-    ("h100_s4run3_sdxl.json", "minimal", 1024),
-    ("h100_s4run4_sdxl.json", "fast", 1024),
+    ("h100_s5run8_sd15.json", "fast", 512),
+    ("h100_s5run8_sd15.json", "balanced", 512),
+    ("h100_s5run8_sd15.json", "low", 512),
+    ("h100_s5run8_sd15.json", "minimal", 512),
+    ("h100_s5run8_sdxl.json", "fast", 1024),
+    ("h100_s5run8_sdxl.json", "balanced", 1024),
+    ("h100_s5run8_sdxl.json", "low", 1024),
+    ("h100_s5run8_sdxl.json", "minimal", 1024),
     ("h200_run4_growth.json", "balanced", 768),
     ("h200_run4_growth.json", "balanced", 1024),
     ("h200_run4_growth.json", "balanced", 2048),

@@ -238,3 +238,25 @@ def test_bad_types_raise_type_error(method, bad, message):
     vae = AutoencoderKL(TINY_CASES["ch16-g16-4levels"][0])
     with pytest.raises(TypeError, match=message):
         getattr(vae, method)(bad)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 64, 64), (2, 4, 37, 21)])
+def test_a_banded_upsample_gives_the_whole_convs_rows(shape, monkeypatch):
+    """Large upsamples are convolved in bands of rows (the decoder's memory peak at 512x512): the
+    result is the whole conv's, up to the float rounding of a differently sized conv."""
+    import torch.nn.functional as F
+
+    from pocketdiffusion.models import vae
+    from pocketdiffusion.models.ops import DEFAULT_OPS
+
+    torch.manual_seed(0)
+    upsample = vae.Upsample(shape[1], DEFAULT_OPS)
+    x = torch.randn(shape)
+    whole = upsample.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    calls = []
+    upsample.conv.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
+    monkeypatch.setattr(vae, "UPSAMPLE_BAND_BYTES", 4 * x.numel() * x.element_size() // 5)  # 5-6 bands
+    banded = upsample(x)
+    assert len(calls) >= 5 and all(rows < 2 * shape[2] for _, _, rows, _ in calls)  # never the whole tensor
+    assert banded.shape == whole.shape
+    torch.testing.assert_close(banded, whole, rtol=1e-5, atol=1e-5)

@@ -116,15 +116,42 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
 
 
+# Upsampled tensors above this size are convolved in bands of rows (Upsample.forward).
+UPSAMPLE_BAND_BYTES = 32 * 2 ** 20
+
+
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv."""
+    """Nearest-neighbour x2, then a 3x3 conv.
+
+    The decoder's memory peak was here: at 512x512 the last upsample makes a (1, 256, 512, 512)
+    tensor (128 MiB in fp16) for a conv whose output is as big again, and cuDNN took ~225 MiB of
+    workspace for that conv (H100, measured per layer). Above UPSAMPLE_BAND_BYTES the output is
+    made in bands of input rows: each band is upsampled with one row of context on each side,
+    convolved, and its exact rows copied into the output, so the upsampled tensor and the conv's
+    workspace only ever exist for one band. The rows are those of the whole conv (a band's
+    boundary rows, where the conv would have padded with zeros, are the ones dropped)."""
 
     def __init__(self, channels: int, ops: Ops):
         super().__init__()
         self.conv = ops.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        rows = x.shape[-2]
+        bands = -(-4 * x.numel() * x.element_size() // UPSAMPLE_BAND_BYTES)
+        if bands <= 1 or rows < 2 * bands:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        step = -(-rows // bands)
+        out = None
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            low, high = max(start - 1, 0), min(stop + 1, rows)  # one row of context each side
+            band = self.conv(F.interpolate(x[:, :, low:high], scale_factor=2.0, mode="nearest"))
+            first = 2 * (start - low)
+            if out is None:
+                out = band.new_empty((*band.shape[:2], 2 * rows, band.shape[-1]))
+            out[:, :, 2 * start:2 * stop] = band[:, :, first:first + 2 * (stop - start)]
+            del band
+        return out
 
 
 class MidBlock(nn.Module):
