@@ -73,3 +73,53 @@ def test_good_tuning_knobs_are_read(monkeypatch):
     monkeypatch.setenv("POCKETDIFFUSION_COMPILE_MODE", "max-autotune-no-cudagraphs")
     monkeypatch.setenv("POCKETDIFFUSION_CUDNN_BENCHMARK", "1")
     assert tuning_from_environment() == ("max-autotune-no-cudagraphs", True)
+
+
+@pytest.mark.slow
+def test_the_compiled_unet_is_saved_once_and_loaded_by_the_next_process(monkeypatch, tmp_path):
+    """The AOT artifact holds the graph and kernels, not the weights: a second UNet of the same
+    architecture (other weights, as in a new process with another checkpoint) loads it instead of
+    compiling, and computes with its own weights. About 30 s of compiling on this CPU."""
+    import ckpt_fixtures as fx
+
+    from pocketdiffusion.models.unet import UNetModel
+
+    if not hasattr(torch.compile(lambda v: v, fullgraph=True), "aot_compile"):
+        pytest.skip("this torch has no torch.compile(...).aot_compile")
+    monkeypatch.setenv("POCKETDIFFUSION_CACHE", str(tmp_path))
+    config = fx.tiny_config("sd1").unet
+    x, t = torch.randn(2, config.in_channels, 16, 16), torch.tensor([500.0, 20.0])
+    ctx = torch.randn(2, 77, config.context_dim)
+    outputs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        unet = UNetModel(config).eval()
+        forward = compile_module.compile_unet(unet)
+        with torch.inference_mode():
+            outputs.append((forward(x, t, ctx), unet(x, t, ctx), dict(forward.state)))
+    (first, first_eager, first_state), (second, second_eager, second_state) = outputs
+    assert (first_state["compiled"], first_state["loaded"]) == (1, 0)
+    assert (second_state["compiled"], second_state["loaded"]) == (0, 1)  # loaded, not compiled
+    assert len(list((tmp_path / "aot").glob("unet-*.pt"))) == 1
+    torch.testing.assert_close(first, first_eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(second, second_eager, rtol=1e-4, atol=1e-4)  # its own weights
+    assert not torch.allclose(first, second)
+
+
+def test_a_saved_unet_that_cannot_run_is_compiled_anew(monkeypatch, tmp_path):
+    """An AOT artifact whose guards or kernels fail at its first call (another driver, a changed
+    torch) gives way to the lazy torch.compile with a warning, not to the eager UNet."""
+    monkeypatch.setenv("POCKETDIFFUSION_CACHE", str(tmp_path))
+
+    def stale(x, t, context, y=None):
+        raise RuntimeError("GuardManager check failed")
+    stale.aot = True
+    monkeypatch.setattr(compile_module, "_aot_call", lambda *args: stale)
+    monkeypatch.setattr(torch, "compile", lambda module, **options: module)  # "compiled": the module itself
+    unet = TinyUNet().eval()
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]), torch.randn(2, 3, 5)
+    forward = compile_module.compile_unet(unet)
+    with pytest.warns(RuntimeWarning, match="saved compiled UNet failed.*GuardManager"):
+        got = forward(x, t, ctx)
+    assert torch.allclose(got, unet(x, t, ctx), atol=1e-6) and not forward.state["failed"]
+    assert forward(x, t, ctx) is not None  # the lazy call stays; no second warning

@@ -5,9 +5,15 @@ layout transposes. ../shared/ANCHORS.md: diffusers' UNet call went from 43.0 ms 
 compiled with channels_last, 8.6 ms with CUDA graphs on top — which the `fast` plan adds itself
 (speed/cuda_graphs.py captures the compiled call).
 
-Compiled kernels are cached on disk (Inductor's FX graph and autotuning caches) under
-$POCKETDIFFUSION_CACHE or ~/.cache/pocketdiffusion/inductor, so a second process start skips
-code generation; a user's TORCHINDUCTOR_CACHE_DIR wins.
+Compiled UNets are kept on disk, under $POCKETDIFFUSION_CACHE or ~/.cache/pocketdiffusion:
+- `aot/`: where this torch has `torch.compile(...).aot_compile` (2.11 on the device machine;
+  experimental), one artifact per model architecture and call signature. It holds the traced
+  graph and the generated kernels, not the weights: the weights are inputs, so one file serves
+  every checkpoint of an architecture. A second process loads it in ~1.7 s and skips Dynamo's
+  trace and Inductor. docs/BENCHMARKS.md, session 5 run 13: full speed 1.5-2.9 s after the load,
+  against 7.6 s from the warm Inductor cache alone.
+- `inductor/`: Inductor's FX-graph and autotuning caches (a user's TORCHINDUCTOR_CACHE_DIR wins),
+  for the lazy torch.compile this falls back to when AOT compiling is not there.
 """
 from __future__ import annotations
 
@@ -19,9 +25,18 @@ from typing import Callable
 import torch
 
 
+def cache_root() -> Path:
+    return Path(os.environ.get("POCKETDIFFUSION_CACHE") or Path.home() / ".cache" / "pocketdiffusion")
+
+
 def cache_dir() -> Path:
-    base = os.environ.get("POCKETDIFFUSION_CACHE") or Path.home() / ".cache" / "pocketdiffusion"
-    return Path(base) / "inductor"
+    """Inductor's caches."""
+    return cache_root() / "inductor"
+
+
+def aot_dir() -> Path:
+    """The AOT-compiled UNets."""
+    return cache_root() / "aot"
 
 
 # torch.compile modes that leave the CUDA graphs to speed/cuda_graphs.py (the others capture their own)
@@ -44,26 +59,39 @@ def tuning_from_environment() -> tuple[str | None, bool]:
 
 
 def compile_unet(unet: torch.nn.Module) -> Callable[..., torch.Tensor]:
-    """`unet` (in place: channels_last weights) and its compiled forward. Compilation itself runs
-    lazily, on the first call; a failure there (no Triton, an unsupported GPU) falls back to the
-    eager UNet with a warning, once."""
+    """`unet` (in place: channels_last weights) and its compiled forward. Compilation runs on the
+    first call of each signature: an AOT artifact of that architecture and signature is loaded
+    from disk, or compiled and saved (or, on a torch without AOT compiling, torch.compile runs
+    lazily). A failure there (no Triton, an unsupported GPU) falls back to the eager UNet with a
+    warning, once."""
     mode, cudnn_benchmark = tuning_from_environment()  # a bad knob fails here, before anything changes
     if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir())
-    import torch._inductor.config as inductor
-
-    inductor.conv_1x1_as_mm = True  # SD's 1x1 convs (attention projections in/out, skips) as GEMMs
     unet.to(memory_format=torch.channels_last)
     if cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
-    compiled = torch.compile(unet, dynamic=False, mode=mode)
-    state = {"failed": False}
+    state: dict = {"failed": False, "by_signature": {}, "compiled": 0, "loaded": 0}
+
+    def compiled_call(key, x, t, context, y):
+        call = state["by_signature"].get(key)
+        if call is None:
+            call = state["by_signature"][key] = _aot_call(unet, (x, t, context), y, mode, state) or \
+                _lazy_call(unet, mode)
+        try:
+            return call(x, t, context, y=y)
+        except Exception as error:  # an AOT artifact that cannot run here: the lazy compile instead
+            if not getattr(call, "aot", False) or isinstance(error, torch.OutOfMemoryError):
+                raise
+            warnings.warn(f"the saved compiled UNet failed ({type(error).__name__}: {str(error)[:200]}); "
+                          "compiling it anew", RuntimeWarning, stacklevel=3)
+            call = state["by_signature"][key] = _lazy_call(unet, mode)
+            return call(x, t, context, y=y)
 
     def forward(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None):
         x = x.contiguous(memory_format=torch.channels_last)
         if not state["failed"]:
             try:
-                return compiled(x, t, context, y=y)
+                return compiled_call(tuple(_describe(v) for v in (x, t, context, y)), x, t, context, y)
             except Exception as error:  # noqa: BLE001 - any compiler failure: run eager instead
                 if isinstance(error, torch.OutOfMemoryError):
                     raise
@@ -72,6 +100,97 @@ def compile_unet(unet: torch.nn.Module) -> Callable[..., torch.Tensor]:
                               "running it eager", RuntimeWarning, stacklevel=2)
         return unet(x, t, context, y=y)
 
-    forward.compiled = compiled  # for tests and the benchmark
-    forward.state = state
+    forward.state = state  # for tests and the benchmark
     return forward
+
+
+def _set_inductor_options() -> None:
+    import torch._inductor.config as inductor
+
+    inductor.conv_1x1_as_mm = True  # SD's 1x1 convs (attention projections in/out, skips) as GEMMs
+
+
+def _lazy_call(unet: torch.nn.Module, mode: str | None) -> Callable[..., torch.Tensor]:
+    _set_inductor_options()
+    return torch.compile(unet, dynamic=False, mode=mode)
+
+
+def _describe(value: torch.Tensor | None) -> tuple | None:
+    """What a compiled artifact is specialized on, per input (inference tensors have other
+    dispatch keys than normal ones, and the artifact's guards check them)."""
+    if value is None:
+        return None
+    return (tuple(value.shape), value.stride(), str(value.dtype), value.device.type, value.is_inference())
+
+
+def _aot_call(unet: torch.nn.Module, args: tuple, y: torch.Tensor | None, mode: str | None,
+              state: dict) -> Callable[..., torch.Tensor] | None:
+    """The UNet's forward AOT-compiled for these inputs: loaded from aot_dir() if there, else
+    compiled and saved there. None where this torch cannot AOT compile."""
+    path = aot_dir() / f"unet-{_fingerprint(unet, args, y, mode)}.pt"
+    function = None
+    if path.is_file():
+        try:
+            with open(path, "rb") as file:
+                function = torch.compiler.load_compiled_function(file)
+            state["loaded"] += 1
+        except Exception:  # noqa: BLE001 - a stale or damaged artifact: compile anew below
+            path.unlink(missing_ok=True)
+    if function is None:
+        _set_inductor_options()
+        dynamo_config = torch._dynamo.config
+        if hasattr(dynamo_config, "enable_aot_compile"):  # off by default in torch 2.11
+            dynamo_config.enable_aot_compile = True
+        compiled = torch.compile(type(unet).forward, fullgraph=True, dynamic=False, mode=mode)
+        aot_compile = getattr(compiled, "aot_compile", None)
+        if aot_compile is None:
+            return None
+        try:
+            function = aot_compile(((unet, *args), {"y": y}))
+        except Exception as error:  # noqa: BLE001 - an experimental API: the lazy compile instead
+            if isinstance(error, torch.OutOfMemoryError):
+                raise
+            warnings.warn(f"AOT compiling the UNet failed ({type(error).__name__}: {str(error)[:200]}); "
+                          "compiling it lazily, not saved for the next start", RuntimeWarning, stacklevel=4)
+            return None
+        state["compiled"] += 1
+        _save(function, path)
+
+    def call(x, t, context, y=None):
+        return function(unet, x, t, context, y=y)
+    call.aot = True
+    return call
+
+
+def _save(function, path: Path) -> None:
+    """Write the artifact under a temporary name and rename it: a process starting meanwhile
+    never loads half a file. A cache that cannot be written only costs the next start its compile."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        function.save_compiled_function(str(temporary))
+        os.replace(temporary, path)
+    except Exception as error:  # noqa: BLE001
+        temporary.unlink(missing_ok=True)
+        warnings.warn(f"could not save the compiled UNet to {path} ({type(error).__name__}: {error}); "
+                      "the next process compiles it again", RuntimeWarning, stacklevel=3)
+
+
+def _fingerprint(unet: torch.nn.Module, args: tuple, y: torch.Tensor | None, mode: str | None) -> str:
+    """Everything the artifact depends on: torch and its CUDA, the GPU, the compile mode, the
+    model's code and its parameters' shapes (not their values), and the inputs' layout."""
+    import hashlib
+
+    from .. import models
+
+    digest = hashlib.sha256()
+    device = args[0].device
+    gpu = (torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)) \
+        if device.type == "cuda" else None
+    parts = [torch.__version__, torch.version.cuda, gpu, mode, type(unet).__qualname__,
+             [_describe(v) for v in (*args, y)],
+             [(name, tuple(v.shape), v.stride(), str(v.dtype)) for name, v in unet.state_dict().items()]]
+    digest.update(repr(parts).encode())
+    for source in sorted(Path(models.__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:32]
