@@ -123,7 +123,7 @@ class UNetModel(nn.Module):
                     layers.append(Upsample(ch, ops))  # key output_blocks.{n}.{1|2}.conv
                 self.output_blocks.append(UNetBlock(layers))
 
-        self.out = nn.Sequential(ops.GroupNormSiLU(groups, ch, eps=RESBLOCK_NORM_EPS), nn.SiLU(),
+        self.out = nn.Sequential(ops.GroupNormSiLU(groups, ch, eps=RESBLOCK_NORM_EPS), nn.Identity(),
                                  ops.Conv2d(ch, config.out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
@@ -146,7 +146,7 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             # pop: each skip tensor is freed as soon as it has been concatenated
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out[2](self.out[0](h))  # GroupNorm + SiLU (index 1 only keeps the keys), conv
+        return self.out(h)  # GroupNorm + SiLU, (Identity), conv
 
     def _check_inputs(self, x, timesteps, context, y) -> torch.Tensor:
         """Raise a ValueError naming what was expected; return timesteps as a (B,) tensor."""

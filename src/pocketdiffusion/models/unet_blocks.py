@@ -40,17 +40,17 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, out_channels: int, emb_channels: int, norm_groups: int, ops: Ops):
         super().__init__()
-        # nn.SiLU() at index 1 keeps the conv at index 2, as checkpoints name it; the SiLU itself
-        # runs inside ops.GroupNormSiLU (one kernel where the plan has one).
+        # LDM's (GroupNorm, SiLU, conv): the SiLU runs inside ops.GroupNormSiLU (one kernel where
+        # the plan has one), and an Identity keeps the conv at index 2, as checkpoints name it.
         self.in_layers = nn.Sequential(
             ops.GroupNormSiLU(norm_groups, channels, eps=RESBLOCK_NORM_EPS),
-            nn.SiLU(),
+            nn.Identity(),
             ops.Conv2d(channels, out_channels, 3, padding=1),
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), ops.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             ops.GroupNormSiLU(norm_groups, out_channels, eps=RESBLOCK_NORM_EPS),
-            nn.SiLU(),
+            nn.Identity(),  # LDM's SiLU slot (inside the norm)
             nn.Identity(),  # LDM's Dropout slot: keeps the conv at index 3, as checkpoints name it
             ops.Conv2d(out_channels, out_channels, 3, padding=1),
         )
@@ -59,11 +59,11 @@ class ResBlock(nn.Module):
                                 else ops.Conv2d(channels, out_channels, 1))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers[2](self.in_layers[0](x))  # GroupNorm + SiLU, conv
+        h = self.in_layers(x)  # GroupNorm + SiLU, conv
         # `emb` is shared by every ResBlock of the UNet, so its SiLU is never in place.
         emb_out = self.emb_layers[1](F.silu(emb)).to(h.dtype)
         h = fresh_add(h, emb_out[:, :, None, None])  # (B, C, 1, 1) broadcast over H, W
-        h = self.out_layers[3](self.out_layers[0](h))
+        h = self.out_layers(h)
         return fresh_add(h, self.skip_connection(x))
 
 
