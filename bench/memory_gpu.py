@@ -38,6 +38,7 @@ MIB = 2 ** 20
 
 MEASURE = r"""
 import json, statistics, sys, time
+started = time.perf_counter()  # before importing torch: "process start" for the warm-start figure
 import torch
 
 which, folder, arch, steps, size, repeats, prompt, negative = sys.argv[1:9]
@@ -118,7 +119,8 @@ print(json.dumps({"which": which, "arch": arch, "size": size, "steps": steps,
                   "reserved": reserved, "allocated": allocated, "phases": phases, "segments": segments,
                   "whole_reserved": max(whole_reserved, reserved), "whole_allocated": max(whole_allocated, allocated),
                   "s_per_image": statistics.median(times), "times": times, "load_s": loaded - t0,
-                  "first_image_s": first_image_s, "finite": bool(np.isfinite(pixels).all()),
+                  "first_image_s": first_image_s, "import_torch_s": t0 - started,
+                  "start_to_full_speed_s": loaded - started + first_image_s, "finite": bool(np.isfinite(pixels).all()),
                   "mean_pixel": float(pixels.mean()), "device": torch.cuda.get_device_name(),
                   "torch": torch.__version__}))
 """
