@@ -170,39 +170,31 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.T
     return y
 
 
-def _applies(x: torch.Tensor, layer: "CudaGroupNorm | CudaGroupNormSiLU") -> bool:
-    """CUDA, big enough, outside torch.compile, nothing for autograd to record (no backward here)."""
-    if not x.is_cuda or x.numel() < layer.min_elements or torch.compiler.is_compiling():
-        return False
-    return not torch.is_grad_enabled() or not (x.requires_grad or layer.weight.requires_grad)
-
-
 class CudaGroupNorm(nn.GroupNorm):
     """nn.GroupNorm that runs the Triton kernels on CUDA (same parameters and keys); tensors under
     `min_elements` go to PyTorch's (see the module's note on host-bound models)."""
 
+    silu = False  # the SiLU after the norm, in the normalizing pass (CudaGroupNormSiLU)
+
     def __init__(self, *args, min_elements: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.min_elements = min_elements
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.affine and _applies(x, self):
-            y = group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        if self.affine and self._applies(x):
+            y = group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu)
             if y is not None:
                 return y
-        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return super().forward(x)  # PyTorch's: nn.GroupNorm's, or GroupNormSiLU's norm and SiLU
+
+    def _applies(self, x: torch.Tensor) -> bool:
+        """CUDA, big enough, outside torch.compile, nothing for autograd to record (no backward here)."""
+        if not x.is_cuda or x.numel() < self.min_elements or torch.compiler.is_compiling():
+            return False
+        return not torch.is_grad_enabled() or not (x.requires_grad or self.weight.requires_grad)
 
 
-class CudaGroupNormSiLU(GroupNormSiLU):
+class CudaGroupNormSiLU(CudaGroupNorm, GroupNormSiLU):
     """models.ops.GroupNormSiLU with both steps in the Triton kernels' one normalizing pass on CUDA."""
 
-    def __init__(self, *args, min_elements: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.min_elements = min_elements
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.affine and _applies(x, self):
-            y = group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=True)
-            if y is not None:
-                return y
-        return super().forward(x)
+    silu = True
