@@ -123,3 +123,18 @@ def test_a_saved_unet_that_cannot_run_is_compiled_anew(monkeypatch, tmp_path):
         got = forward(x, t, ctx)
     assert torch.allclose(got, unet(x, t, ctx), atol=1e-6) and not forward.state["failed"]
     assert forward(x, t, ctx) is not None  # the lazy call stays; no second warning
+
+
+def test_a_cache_that_cannot_be_written_costs_only_the_next_start(monkeypatch, tmp_path):
+    """The compiled UNet is still used; the warning names the path; no half-written file stays."""
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setattr(compile_module, "aot_dir", lambda: blocker / "aot")
+
+    class Compiled:
+        def save_compiled_function(self, path):
+            raise AssertionError("never reached: the folder cannot be made")
+
+    with pytest.warns(RuntimeWarning, match="could not save the compiled UNet to .*not_a_folder"):
+        compile_module._save(Compiled(), blocker / "aot" / "unet-x.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_folder"]

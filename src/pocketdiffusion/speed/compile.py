@@ -10,13 +10,14 @@ Compiled UNets are kept on disk, under $POCKETDIFFUSION_CACHE or ~/.cache/pocket
   experimental), one artifact per model architecture and call signature. It holds the traced
   graph and the generated kernels, not the weights: the weights are inputs, so one file serves
   every checkpoint of an architecture. A second process loads it in ~1.7 s and skips Dynamo's
-  trace and Inductor. docs/BENCHMARKS.md, session 5 run 13: full speed 1.5-2.9 s after the load,
-  against 7.6 s from the warm Inductor cache alone.
+  trace and Inductor. docs/BENCHMARKS.md, session 5 run 13 (a probe of these calls): the first
+  image 1.5-2.9 s after that load, against 7.6 s from the warm Inductor cache alone.
 - `inductor/`: Inductor's FX-graph and autotuning caches (a user's TORCHINDUCTOR_CACHE_DIR wins),
   for the lazy torch.compile this falls back to when AOT compiling is not there.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -80,10 +81,9 @@ def compile_unet(unet: torch.nn.Module) -> Callable[..., torch.Tensor]:
         try:
             return call(x, t, context, y=y)
         except Exception as error:  # an AOT artifact that cannot run here: the lazy compile instead
-            if not getattr(call, "aot", False) or isinstance(error, torch.OutOfMemoryError):
+            if not getattr(call, "aot", False):
                 raise
-            warnings.warn(f"the saved compiled UNet failed ({type(error).__name__}: {str(error)[:200]}); "
-                          "compiling it anew", RuntimeWarning, stacklevel=3)
+            _warn_unless_out_of_memory(error, "the saved compiled UNet failed", "compiling it anew")
             call = state["by_signature"][key] = _lazy_call(unet, mode)
             return call(x, t, context, y=y)
 
@@ -93,15 +93,20 @@ def compile_unet(unet: torch.nn.Module) -> Callable[..., torch.Tensor]:
             try:
                 return compiled_call(tuple(_describe(v) for v in (x, t, context, y)), x, t, context, y)
             except Exception as error:  # noqa: BLE001 - any compiler failure: run eager instead
-                if isinstance(error, torch.OutOfMemoryError):
-                    raise
+                _warn_unless_out_of_memory(error, "torch.compile of the UNet failed", "running it eager")
                 state["failed"] = True
-                warnings.warn(f"torch.compile of the UNet failed ({type(error).__name__}: {str(error)[:200]}); "
-                              "running it eager", RuntimeWarning, stacklevel=2)
         return unet(x, t, context, y=y)
 
     forward.state = state  # for tests and the benchmark
     return forward
+
+
+def _warn_unless_out_of_memory(error: Exception, what: str, instead: str) -> None:
+    """A compiler failure has a way around it (said in the warning); running out of memory does not
+    (the pipeline's own fallback to a lower plan handles that), so it propagates."""
+    if isinstance(error, torch.OutOfMemoryError):
+        raise error
+    warnings.warn(f"{what} ({type(error).__name__}: {str(error)[:200]}); {instead}", RuntimeWarning, stacklevel=4)
 
 
 def _set_inductor_options() -> None:
@@ -148,10 +153,8 @@ def _aot_call(unet: torch.nn.Module, args: tuple, y: torch.Tensor | None, mode: 
         try:
             function = aot_compile(((unet, *args), {"y": y}))
         except Exception as error:  # noqa: BLE001 - an experimental API: the lazy compile instead
-            if isinstance(error, torch.OutOfMemoryError):
-                raise
-            warnings.warn(f"AOT compiling the UNet failed ({type(error).__name__}: {str(error)[:200]}); "
-                          "compiling it lazily, not saved for the next start", RuntimeWarning, stacklevel=4)
+            _warn_unless_out_of_memory(error, "AOT compiling the UNet failed",
+                                       "compiling it lazily, not saved for the next start")
             return None
         state["compiled"] += 1
         _save(function, path)
@@ -171,7 +174,8 @@ def _save(function, path: Path) -> None:
         function.save_compiled_function(str(temporary))
         os.replace(temporary, path)
     except Exception as error:  # noqa: BLE001
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # no folder to write in means no temporary file either
+            temporary.unlink(missing_ok=True)
         warnings.warn(f"could not save the compiled UNet to {path} ({type(error).__name__}: {error}); "
                       "the next process compiles it again", RuntimeWarning, stacklevel=3)
 
