@@ -138,3 +138,24 @@ def test_a_cache_that_cannot_be_written_costs_only_the_next_start(monkeypatch, t
     with pytest.warns(RuntimeWarning, match="could not save the compiled UNet to .*not_a_folder"):
         compile_module._save(Compiled(), blocker / "aot" / "unet-x.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_folder"]
+
+
+def test_the_artifact_name_changes_with_inductor_switches_and_layout_not_weights(monkeypatch):
+    """The saved artifact is shared by every checkpoint of an architecture (weights are inputs),
+    but not across Inductor switches from the environment, which change its kernels."""
+    monkeypatch.delenv("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", raising=False)
+    args = (torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]), torch.randn(2, 3, 5))
+
+    def name(unet, inputs=args):
+        return compile_module._fingerprint(unet, inputs, None, None)
+
+    torch.manual_seed(0)
+    first = name(TinyUNet())
+    torch.manual_seed(1)
+    assert name(TinyUNet()) == first  # other weights, same artifact
+    assert name(TinyUNet(), (torch.randn(2, 4, 16, 16), *args[1:])) != first  # another latent size
+    monkeypatch.setenv("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", "1")
+    assert name(TinyUNet()) != first
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")  # where the cache is: not what it holds
+    monkeypatch.delenv("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING")
+    assert name(TinyUNet()) == first

@@ -71,6 +71,39 @@ def test_a_graphed_pipeline_gives_the_eager_pictures_and_captures_once(tiny_sd1)
     assert pipe.model_call.captures == 1  # the second prompt reused the first one's graph
 
 
+@cuda
+def test_the_kept_graphs_lend_their_pool_and_replays_stay_right():
+    """fast's decode allocates from the kept graphs' pool (lend_pool) instead of beside it."""
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Conv2d(4, 64, 3, padding=1), torch.nn.SiLU(),
+                                torch.nn.Conv2d(64, 4, 1)).cuda()
+
+    def model(x, t):
+        return layer(x) * t[:, None, None, None]
+
+    graphed = GraphedModel(model)
+    x, t = torch.randn(2, 4, 128, 128, device="cuda"), torch.rand(2, device="cuda")
+    with torch.inference_mode():
+        want = model(x, t)
+        assert torch.equal(graphed(x, t), want)
+        segments = graphed._pool.snapshot()
+        spans = [(s["address"], s["address"] + s["total_size"]) for s in segments]
+        pool_bytes, reserved = sum(s["total_size"] for s in segments), torch.cuda.memory_reserved()
+        with graphed.lend_pool():
+            assert torch.cuda.current_stream() == graphed._stream
+            borrowed = torch.empty(2, 64, 128, 128, device="cuda")  # the graph's activation size
+            address = borrowed.data_ptr()
+            borrowed.fill_(7.0)
+            del borrowed
+        assert any(lo <= address < hi for lo, hi in spans)  # a block of the pool, not a new one
+        assert sum(s["total_size"] for s in graphed._pool.snapshot()) == pool_bytes
+        assert torch.cuda.memory_reserved() == reserved
+        assert torch.equal(graphed(x, t), want)  # the replay overwrote what the body left
+    per_run = GraphedModel(model, per_run=True)
+    with per_run.lend_pool():  # nothing to lend: per-run graphs are freed before the decode
+        assert torch.cuda.current_stream() == torch.cuda.default_stream()
+
+
 def test_the_fast_mode_graphs_only_on_cuda_and_falls_back_to_balanced():
     from pocketdiffusion.memory.plan import lower_plan, plan_for
     assert plan_for("fast", "cuda").cuda_graphs and not plan_for("fast", "cpu").cuda_graphs

@@ -3,6 +3,8 @@
 `outpaint` are the one-call forms returning PIL images."""
 from __future__ import annotations
 
+import contextlib
+
 import difflib
 import random
 import warnings
@@ -114,7 +116,9 @@ class Run:
             end_run = getattr(pipe.model_call, "end_run", None)  # a GraphedModel's
             if end_run is not None:
                 end_run()
-        with torch.inference_mode():
+        # fast's kept graphs lend their pool to the decode (speed/cuda_graphs.py): it returns host images
+        lend_pool = getattr(pipe.model_call, "lend_pool", contextlib.nullcontext)
+        with torch.inference_mode(), lend_pool():
             return prepared.finish(x)
 
     def _fall_back(self, error: Exception, retried: bool) -> bool:

@@ -191,7 +191,10 @@ def _fingerprint(unet: torch.nn.Module, args: tuple, y: torch.Tensor | None, mod
     device = args[0].device
     gpu = (torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)) \
         if device.type == "cuda" else None
-    parts = [torch.__version__, torch.version.cuda, gpu, mode, type(unet).__qualname__,
+    # Inductor's switches set from the environment change the kernels it writes (coordinate descent
+    # tuning, freezing, ...): an artifact compiled under other ones is not this one.
+    switches = sorted((k, v) for k, v in os.environ.items() if k.startswith("TORCHINDUCTOR_") and k != "TORCHINDUCTOR_CACHE_DIR")
+    parts = [torch.__version__, torch.version.cuda, gpu, mode, switches, type(unet).__qualname__,
              [_describe(v) for v in (*args, y)],
              [(name, tuple(v.shape), v.stride(), str(v.dtype)) for name, v in unet.state_dict().items()]]
     digest.update(repr(parts).encode())
