@@ -104,6 +104,24 @@ def test_the_kept_graphs_lend_their_pool_and_replays_stay_right():
         assert torch.cuda.current_stream() == torch.cuda.default_stream()
 
 
+def test_a_channels_last_unet_call_gives_the_nchw_result(tiny_sd1):
+    """MemoryPlan.channels_last (a benchmark variant, no named plan's default: balanced's peak)."""
+    from pocketdiffusion.memory.plan import MODES, lower_plan, plan_for
+    from pocketdiffusion.pipelines.base import model_call
+    assert not any(plan_for(m, d).channels_last for m in MODES for d in ("cuda", "cpu"))
+    assert not lower_plan(plan_for("balanced", "cuda").with_(channels_last=True)).channels_last  # int8: NCHW
+    parts = pocketdiffusion.load(tiny_sd1, device="cpu", dtype=torch.float32).parts
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 20.0])
+    ctx = torch.randn(2, 77, parts.config.unet.context_dim)
+    with torch.inference_mode():
+        want = model_call(parts)(x, t, context=ctx)
+        got = model_call(parts, channels_last=True)(x, t, context=ctx)
+    conv_weights = [p for p in parts.unet.parameters() if p.dim() == 4]
+    assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in conv_weights)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_the_fast_mode_graphs_only_on_cuda_and_falls_back_to_balanced():
     from pocketdiffusion.memory.plan import lower_plan, plan_for
     assert plan_for("fast", "cuda").cuda_graphs and not plan_for("fast", "cpu").cuda_graphs

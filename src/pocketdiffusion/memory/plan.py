@@ -54,6 +54,11 @@ class MemoryPlan:
     park_idle: bool = False
     stream_text: bool = False
     compile: bool = False  # torch.compile the UNet (speed/compile.py; CUDA, with cuda_graphs in `fast`)
+    # CUDA, eager UNet: its weights and input in channels_last, so that cuDNN's Hopper convolutions
+    # do not transpose every NCHW input and output (compiled: speed/compile.py does it itself). No
+    # named plan sets it yet (balanced's peak, plan_for); the benchmarks reach it as a variant:
+    # `bench/memory_gpu.py --modes balanced:channels_last=True`.
+    channels_last: bool = False
     # CUDA: GroupNorm and GroupNorm + SiLU by the Triton kernels of speed/group_norm_cuda.py
     # (PyTorch's fills a quarter of an H100 at batch 1: the VAE decoder's norms ran 3-11x slower).
     norm_kernels: bool = True
@@ -104,6 +109,10 @@ def plan_for(mode: str, device: torch.device | str) -> MemoryPlan:
         # tile streams the VAE's weights again: 0.684 against 0.594 s an image). 26 is the largest
         # tile that keeps the decode under the steps and still covers 64 latents in 3x3 tiles.
         tile, overlap = (26, 6) if mode == "low" else (32, 8)
+        # Not channels_last (MemoryPlan.channels_last), though cuDNN transposes every NCHW conv input
+        # (99 of balanced's 388 ms of GPU time an image, H100 session 6 run 5): it made balanced's
+        # image 1.19-1.28x faster but reserved 1914 MiB for the same 1832 allocated, over its
+        # 1900 MiB bar (runs 6 and 7, docs/BENCHMARKS.md).
         return MemoryPlan(mode=mode, attention=attention, quantize_unet=mode == "low", stream_text=True,
                           stream_vae=True, vae_tile_above=256 * 256, vae_tile=tile, vae_tile_overlap=overlap,
                           cuda_graphs=True, graphs_per_run=True)
@@ -173,7 +182,7 @@ def lower_plan(plan: MemoryPlan) -> MemoryPlan | None:
     if plan.stream_weights:
         return plan.with_(vae_tile_above=0) if plan.vae_tile_above != 0 else None
     if not plan.quantize_unet:
-        return plan.with_(mode="low", quantize_unet=True)
+        return plan.with_(mode="low", quantize_unet=True, channels_last=False)
     if plan.vae_tile_above != 0:
         return plan.with_(vae_tile_above=0)
     return None

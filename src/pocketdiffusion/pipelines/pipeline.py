@@ -189,7 +189,8 @@ class Pipeline:
         the UNet is on CUDA (kept here, across runs), else eager."""
         on_cuda = next(self.parts.unet.parameters()).device.type == "cuda"
         return model_call(self.parts, cuda_graphs=self.plan.cuda_graphs and on_cuda,
-                          compile=self.plan.compile and on_cuda, graphs_per_run=self.plan.graphs_per_run)
+                          compile=self.plan.compile and on_cuda, graphs_per_run=self.plan.graphs_per_run,
+                          channels_last=self.plan.channels_last and on_cuda)
 
     def use_plan(self, plan: MemoryPlan) -> None:
         """Switch to another memory plan in place (quantizing the UNet if it asks for int8)."""
