@@ -120,6 +120,7 @@ def test_a_channels_last_unet_call_gives_the_nchw_result(tiny_sd1):
     conv_weights = [p for p in parts.unet.parameters() if p.dim() == 4]
     assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in conv_weights)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert got.is_contiguous()  # the latents (and the decode after them) stay NCHW
 
 
 def test_the_fast_mode_graphs_only_on_cuda_and_falls_back_to_balanced():

@@ -100,7 +100,9 @@ def _channels_last(unet):
     unet.to(memory_format=torch.channels_last)  # the rest (CPU weights), a no-op for the converted ones
 
     def forward(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None):
-        return unet(x.contiguous(memory_format=torch.channels_last), t, context, y=y)
+        # The output back in NCHW (a 64 KiB copy at 512x512): else the latents, and with them the
+        # VAE's decode, would turn channels_last too (a conv follows its input's layout).
+        return unet(x.contiguous(memory_format=torch.channels_last), t, context, y=y).contiguous()
     return forward
 
 
