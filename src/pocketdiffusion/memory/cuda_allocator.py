@@ -27,9 +27,14 @@ def use_expandable_segments() -> bool:
         return True
     if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
         return False
+    # torch >= 2.9 deprecates the torch.cuda spelling (a FutureWarning on every load) for this one
+    set_settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or \
+        getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if set_settings is None:
+        return False
     try:
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
-    except (AttributeError, RuntimeError):  # an older torch or a platform without them: the default stays
+        set_settings("expandable_segments:True")
+    except RuntimeError:  # a platform without them: the default stays
         return False
     _done = True
     return True
