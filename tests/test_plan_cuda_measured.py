@@ -2,10 +2,10 @@
 within 10%). The measurements are recorded in docs/bench (bench/memory_gpu.py, max_memory_reserved
 over the timed images): session 5's H100 run 8 (h100_s5run8_*, the GroupNorm kernels and the
 banded upsample in; fast SD1.5 from session 6's run 1, after its decode came to borrow the kept
-graphs' pool; SDXL fast from its run 3), and balanced at 768-2048 from session 3's H200 run 4, before balanced replayed
-its steps from CUDA graphs captured per generation (at 512 that changed its peak by 2 MiB: 1896
-eager, 1894 graphed, h100_s4run5_overhead.json); balanced's decode tiles never reach the banded
-upsample's size. Rerun the benchmark and update a row when a plan changes."""
+graphs' pool; SDXL fast from its run 3), and balanced at 768-2048 from session 3's H200 run 4,
+before balanced replayed its steps from CUDA graphs captured per generation (at 512 that changed
+its peak by 2 MiB: 1896 eager, 1894 graphed, h100_s4run5_overhead.json); balanced's decode tiles
+never reach the banded upsample's size. Rerun the benchmark and update a row when a plan changes."""
 from __future__ import annotations
 
 import json

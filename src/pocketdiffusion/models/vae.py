@@ -14,8 +14,8 @@ before denoising and divides by it before `decode()`.
 
 Memory: at 512x512 the last decoder level holds (B, 128, 512, 512) activations, so every
 block frees its intermediates as soon as they are consumed, runs swish in place on tensors it
-owns (inside ops.GroupNormSiLU) and adds residuals in place when autograd is off. None of this changes the arithmetic:
-the results are bit-for-bit those of the out-of-place code.
+owns (inside ops.GroupNormSiLU) and adds residuals in place when autograd is off. None of this
+changes the arithmetic: the results are bit-for-bit those of the out-of-place code.
 """
 from __future__ import annotations
 

@@ -84,20 +84,10 @@ def _unet_call(unet):
 
 
 def _channels_last(unet):
-    """The UNet (in place: its 4-D weights) called with a channels_last input.
-
-    On CUDA the weights go through host memory and come back channels_last into an emptied cache:
-    converted in place, each old copy stayed as a hole between the new ones (balanced SD1.5: 40 MiB
-    more reserved for the same allocated, H100 session 6 run 6)."""
-    weights = [p for p in unet.parameters() if p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last)]
-    if weights and weights[0].is_cuda:
-        host = [p.detach().cpu() for p in weights]
-        for p in weights:
-            p.data = p.data.new_empty(0)
-        torch.cuda.empty_cache()
-        for p, value in zip(weights, host):
-            p.data = torch.empty_like(value, device=p.device, memory_format=torch.channels_last).copy_(value)
-    unet.to(memory_format=torch.channels_last)  # the rest (CPU weights), a no-op for the converted ones
+    """The UNet (in place: its 4-D weights) called with a channels_last input. (Moving the weights
+    through host memory into an emptied cache instead left balanced's reserve as it was: H100
+    session 6 run 7, docs/BENCHMARKS.md.)"""
+    unet.to(memory_format=torch.channels_last)
 
     def forward(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None):
         # The output back in NCHW (a 64 KiB copy at 512x512): else the latents, and with them the
